@@ -1,0 +1,165 @@
+"""The app factory: wiring, app keys and the lifecycles of Redis and the HTTP client session.
+
+Cleanup contexts exit in reverse order: the HTTP context (which drains refreshes in flight so a
+rotated token reaches Redis) exits before the Redis context closes the pool. Providers configured
+with ``issuer`` or ``discovery_url`` are resolved in the HTTP context, once, before any service
+is built; ``app[SETTINGS]`` then holds the resolved endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Protocol
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from broker import api
+from broker.auth import Authenticator
+from broker.authorize import AuthorizationService
+from broker.config import Settings
+from broker.crypto import KeyRing
+from broker.grants import GrantService
+from broker.metrics import Metrics
+from broker.middlewares import make_middlewares
+from broker.oauth import OAuthClient, discover_all
+from broker.refresh import Refresher, RefreshPolicy
+from broker.scheduler import Scheduler, SchedulerPolicy
+from broker.store import GrantStore, connect
+
+log = structlog.get_logger("broker")
+
+HTTP_POOL_LIMIT = 100
+USER_AGENT = "broker (OAuth2 token broker)"
+
+
+class Clock(Protocol):
+    def __call__(self) -> float: ...
+
+
+CLOCK = web.AppKey("clock", Clock)
+
+
+def create_app(settings: Settings, *, clock: Clock = time.time) -> web.Application:
+    """A ready-to-run broker app; Redis and the HTTP session open when it starts. ``clock``
+    (unix seconds) lets tests move time instead of waiting for tokens to expire."""
+    metrics = Metrics()
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=make_middlewares(
+            metrics, Authenticator(settings.clients), settings.max_body_bytes
+        ),
+    )
+    app[api.SETTINGS] = settings
+    app[api.METRICS] = metrics
+    app[api.KEYRING] = KeyRing(settings.encryption_keys)
+    app[api.STOPPING] = asyncio.Event()
+    app[CLOCK] = clock
+    app.cleanup_ctx.append(_redis)
+    app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(_scheduler)  # registered last: stops first
+    app.on_shutdown.append(_stop_accepting)
+    api.add_routes(app)
+    return app
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.SETTINGS]
+    redis = connect(settings)
+    app[api.STORE] = GrantStore(
+        redis,
+        app[api.KEYRING],
+        app[api.METRICS],
+        prefix=settings.key_prefix,
+        retry_after=settings.store_retry_after,
+        min_replicas=settings.min_replicas_to_ack,
+        ack_timeout=settings.replica_ack_timeout,
+        schedule_shards=settings.schedule_shards,
+    )
+    if settings.is_memory_store:
+        log.warning(
+            "store.not_durable",
+            detail="embedded memory:// store: grants are lost when the process stops",
+        )
+    if settings.ephemeral_encryption_key:
+        log.warning(
+            "encryption.ephemeral_key", detail="no BROKER_ENCRYPTION_KEYS: using a throwaway key"
+        )
+    yield
+    await redis.aclose()
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.SETTINGS]
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=HTTP_POOL_LIMIT),
+        headers={"User-Agent": USER_AGENT},
+        trust_env=True,
+    )
+    oauth = OAuthClient(
+        session,
+        timeout=settings.provider_timeout,
+        connect_timeout=settings.provider_connect_timeout,
+        max_response_bytes=settings.provider_max_response_bytes,
+    )
+    try:
+        # Once, before anything uses a provider: endpoints from issuer / discovery_url.
+        settings = replace(settings, providers=await discover_all(oauth, settings.providers))
+    except BaseException:
+        await session.close()
+        raise
+    app[api.SETTINGS] = settings
+    refresher = Refresher(
+        app[api.STORE],
+        oauth,
+        settings.providers,
+        app[api.METRICS],
+        RefreshPolicy.from_settings(settings),
+        clock=app[CLOCK],
+    )
+    app[api.REFRESHER] = refresher
+    app[api.GRANTS] = GrantService(
+        app[api.STORE], oauth, refresher, app[api.METRICS], clock=app[CLOCK]
+    )
+    app[api.AUTHORIZATIONS] = AuthorizationService(
+        app[api.STORE],
+        app[api.KEYRING],
+        oauth,
+        refresher,
+        app[api.METRICS],
+        settings,
+        clock=app[CLOCK],
+    )
+    yield
+    await refresher.drain()
+    await session.close()
+
+
+async def _scheduler(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.SETTINGS]
+    if not settings.scheduler_enabled:
+        yield
+        return
+    scheduler = Scheduler(
+        app[api.STORE],
+        app[api.REFRESHER],
+        settings.providers,
+        app[api.METRICS],
+        SchedulerPolicy.from_settings(settings),
+        clock=app[CLOCK],
+    )
+    app[api.SCHEDULER] = scheduler
+    scheduler.start()
+    yield
+    await scheduler.stop()
+
+
+async def _stop_accepting(app: web.Application) -> None:
+    app[api.STOPPING].set()
+    if api.SCHEDULER in app:
+        app[api.SCHEDULER].stop_claiming()
+    log.info("broker.stopping")

@@ -1,0 +1,151 @@
+"""The ``broker`` command: serve, demo, keygen, apikey, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from broker.auth import hash_key, new_api_key
+from broker.config import Settings, load_settings
+from broker.crypto import new_key
+from broker.errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="broker", description="OAuth2 token broker")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "run the service"),
+        ("check-config", "validate a configuration and print a summary"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument(
+            "--config",
+            "-c",
+            default=os.environ.get("BROKER_CONFIG"),
+            help="TOML file (default: $BROKER_CONFIG)",
+        )
+    demo = commands.add_parser(
+        "demo",
+        help="see the whole product on this machine: fake provider, broker, a connected user",
+        description="Start a fake provider and a broker in this process (no Redis needed), "
+        "connect a demo user through the authorization-code flow, then show the grant being "
+        "refreshed in the background before each expiry, until Ctrl-C.",
+    )
+    demo.add_argument(
+        "--token-ttl",
+        type=_at_least(5),
+        default=30,
+        metavar="SECONDS",
+        help="lifetime of the fake provider's access tokens (default 30, at least 5)",
+    )
+    demo.add_argument("--duration", type=_positive, metavar="SECONDS", help="stop after this long")
+    demo.add_argument(
+        "--refreshes",
+        type=_at_least(1),
+        metavar="N",
+        help="stop after N background refreshes (exit status 1 if --duration ends first)",
+    )
+    demo.add_argument("--once", action="store_true", help="connect, show one status, stop")
+    demo.add_argument("--port", type=int, default=0, help="broker's port (default: any free)")
+    demo.add_argument("--verbose", "-v", action="store_true", help="show broker's own logs")
+    commands.add_parser("keygen", help="print a new encryption key for BROKER_ENCRYPTION_KEYS")
+    commands.add_parser("apikey", help="print a new client API key and its key_sha256")
+    args = parser.parse_args(argv)
+
+    if args.command == "keygen":
+        print(new_key())
+    elif args.command == "apikey":
+        key = new_api_key()
+        print(f"api key (give it to the client; it is not stored): {key}")
+        print(f'key_sha256 (put it in [[clients]]):               "{hash_key(key)}"')
+    elif args.command == "check-config":
+        settings = _settings(args.config)
+        print(_summary(settings))
+    elif args.command == "demo":
+        from broker.demo import DemoOptions, run
+
+        options = DemoOptions(
+            token_ttl=args.token_ttl,
+            duration=args.duration,
+            refreshes=args.refreshes,
+            once=args.once,
+            port=args.port,
+            verbose=args.verbose,
+        )
+        raise SystemExit(run(options))
+    else:
+        _serve(_settings(args.config))
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return parse
+
+
+def _settings(path: str | None) -> Settings:
+    try:
+        return load_settings(path, os.environ)
+    except ConfigError as err:
+        print(f"broker: configuration error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _summary(s: Settings) -> str:
+    lines = [
+        "configuration ok",
+        f"  store:     {s.redis_url_safe}"
+        + ("  (embedded, NOT durable)" if s.is_memory_store else ""),
+        f"  listen:    {s.host}:{s.port}   public_url: {s.public_url}",
+        "  keys:      "
+        + (
+            "throwaway (set BROKER_ENCRYPTION_KEYS)"
+            if s.ephemeral_encryption_key
+            else ", ".join(kid for kid, _ in s.encryption_keys)
+        ),
+        f"  providers: {', '.join(s.providers) or '(none)'}",
+    ]
+    lines += [
+        f"  client:    {c.name}  {sorted(c.permissions)}  providers={list(c.providers)}"
+        for c in s.clients
+    ]
+    return "\n".join(lines)
+
+
+def _serve(settings: Settings) -> None:
+    from aiohttp import web
+
+    from broker.app import create_app
+    from broker.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=settings.shutdown_timeout,
+            access_log=None,
+            print=None,
+        )
+    except ConfigError as err:  # found at start-up: a provider's discovery failed
+        print(f"broker: configuration error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+-- Move a claim (renew it, or hand it back) only if the schedule still holds our lease (a write may have rescheduled it).
+-- KEYS[1] schedule; ARGV[1] member; ARGV[2] our lease score; ARGV[3] new score.
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0

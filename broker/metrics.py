@@ -1,0 +1,125 @@
+"""Prometheus metrics, one registry per app so several apps can share a process (tests).
+
+Labels never carry user ids or anything secret: cardinality stays bounded by the number of
+providers, clients and routes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from broker import __version__
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the broker exports."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "broker_http_requests",
+            "HTTP requests served.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "broker_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_in_flight = Gauge(
+            "broker_http_requests_in_flight",
+            "HTTP requests being served now.",
+            registry=r,
+        )
+        self.token_handouts = Counter(
+            "broker_token_handouts",
+            "Access tokens handed to clients.",
+            ["provider", "client"],
+            registry=r,
+        )
+        self.refreshes = Counter(
+            "broker_refreshes",
+            "Refreshes at providers by outcome (success, rejected, transient).",
+            ["provider", "outcome", "trigger"],
+            registry=r,
+        )
+        self.refresh_duration = Histogram(
+            "broker_refresh_duration_seconds",
+            "Provider token endpoint latency.",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "broker_redis_errors",
+            "Failed Redis operations.",
+            ["operation"],
+            registry=r,
+        )
+        self.replication_unconfirmed = Counter(
+            "broker_replication_unconfirmed",
+            "Grant writes that fewer than min_replicas_to_ack replicas confirmed in time.",
+            registry=r,
+        )
+        self.grants_unreadable = Counter(
+            "broker_grants_unreadable",
+            "Stored grants that failed decryption or authentication (security event).",
+            ["provider"],
+            registry=r,
+        )
+        self.revocations = Counter(
+            "broker_revocations",
+            "Revocations at providers by outcome.",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.authorizations = Counter(
+            "broker_authorizations",
+            "Authorization-code flows by outcome (started, connected, denied, error, "
+            "invalid_state).",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.lost_writes = Counter(
+            "broker_refresh_write_conflicts",
+            "Refresh results not written because a newer record was already stored.",
+            ["provider"],
+            registry=r,
+        )
+        self.schedule_lag = Gauge(
+            "broker_schedule_lag_seconds",
+            "Age of the oldest due refresh not yet claimed (0 when none is late).",
+            ["provider"],
+            registry=r,
+        )
+        self.grants_due_next_minute = Gauge(
+            "broker_grants_due_next_minute",
+            "Grants whose refresh is due within 60 s.",
+            ["provider"],
+            registry=r,
+        )
+        self.grants = Gauge("broker_grants", "Grants by state.", ["provider", "state"], registry=r)
+        self.refresh_token_expiring = Gauge(
+            "broker_refresh_tokens_expiring",
+            "Grants whose refresh token reaches the provider's maximum age within "
+            "refresh_token_warn_before.",
+            ["provider"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "broker_provider_circuit_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open (probing), 2 open.",
+            ["provider"],
+            registry=r,
+        )
+        Gauge("broker_build_info", "Build information.", ["version"], registry=r).labels(
+            __version__
+        ).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,192 @@
+"""Grants, token sets, timestamps and the refresh-timing rule.
+
+A :class:`Grant` is immutable; every change makes a new one with ``version + 1`` so a write can
+be fenced against the version it was derived from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import unicodedata
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from broker.errors import GrantUnreadable, InvalidRequest
+
+GrantState = Literal["active", "refresh_failing", "reauth_required"]
+MAX_USER_ID_BYTES = 256
+MAX_TOKEN_CHARS = 16 * 1024
+MAX_SCOPE_CHARS = 4 * 1024
+
+
+def validate_user_id(user_id: str) -> str:
+    """Return ``user_id`` if it is 1..256 bytes of UTF-8 without control characters."""
+    size = len(user_id.encode("utf-8", errors="surrogatepass"))
+    if not 1 <= size <= MAX_USER_ID_BYTES:
+        raise InvalidRequest(f"user id must be 1 to {MAX_USER_ID_BYTES} bytes of UTF-8")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in user_id):
+        raise InvalidRequest("user id must not contain control characters")
+    return user_id
+
+
+def iso(ts: float | None) -> str | None:
+    """RFC 3339 UTC with a ``Z``, to the second, as the API shows times."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def refresh_due_at(
+    expires_at: float,
+    lifetime: float,
+    *,
+    lead: float,
+    jitter_max: float,
+    rng: random.Random | None = None,
+) -> float:
+    """When to refresh a token: ``expires_at - min(lead, L/2) - U[0, min(jitter_max, L/10)]``.
+
+    The L/2 and L/10 caps keep short-lived tokens from being refreshed more often than once per
+    half lifetime, and the jitter spreads grants imported together.
+    """
+    lifetime = max(lifetime, 0.0)
+    jitter = (rng or random).uniform(0.0, min(jitter_max, lifetime / 10))
+    return expires_at - min(lead, lifetime / 2) - jitter
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """A provider's successful token answer, normalised (``expires_in`` always set)."""
+
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_in: int
+    refresh_token: str | None = field(default=None, repr=False)
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the broker holds for one (provider, user id)."""
+
+    provider: str
+    user_id: str
+    refresh_token: str = field(repr=False)
+    access_token: str | None = field(default=None, repr=False)
+    token_type: str = "Bearer"
+    access_expires_at: float | None = None
+    access_issued_at: float | None = None
+    scope: str | None = None
+    state: GrantState = "active"
+    next_refresh_at: float | None = None
+    last_refreshed_at: float | None = None
+    refresh_count: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    refresh_token_issued_at: float | None = None
+    refresh_token_expires_at: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    version: int = 0
+
+    def valid_for(self, now: float) -> float:
+        """Seconds the held access token stays valid (negative or 0 when there is none)."""
+        if self.access_token is None or self.access_expires_at is None:
+            return 0.0
+        return self.access_expires_at - now
+
+    def lifetime(self) -> float | None:
+        """The full lifetime of a token we got from the provider; None for imported tokens,
+        whose age is unknown."""
+        if self.access_expires_at is None or self.access_issued_at is None:
+            return None
+        return self.access_expires_at - self.access_issued_at
+
+    def with_tokens(
+        self, tokens: TokenSet, now: float, *, next_refresh_at: float, refreshed: bool
+    ) -> Grant:
+        """The grant after the provider issued ``tokens``; a missing refresh token keeps ours."""
+        rotated = tokens.refresh_token is not None and tokens.refresh_token != self.refresh_token
+        return replace(
+            self,
+            refresh_token=tokens.refresh_token or self.refresh_token,
+            access_token=tokens.access_token,
+            token_type=tokens.token_type,
+            access_expires_at=now + tokens.expires_in,
+            access_issued_at=now if refreshed else None,
+            scope=tokens.scope if tokens.scope is not None else self.scope,
+            state="active",
+            next_refresh_at=next_refresh_at,
+            last_refreshed_at=now if refreshed else self.last_refreshed_at,
+            refresh_count=self.refresh_count + (1 if refreshed else 0),
+            consecutive_failures=0,
+            last_error=None,
+            refresh_token_issued_at=now if rotated else self.refresh_token_issued_at or now,
+            updated_at=now,
+            version=self.version + 1,
+        )
+
+    def with_failure(
+        self, reason: str, now: float, *, final: bool, failing_after: int, retry_at: float | None
+    ) -> Grant:
+        """The grant after a failed refresh, to be retried at ``retry_at`` unless ``final``; it
+        is never dropped, only marked."""
+        failures = self.consecutive_failures + 1
+        state: GrantState
+        if final:
+            state = "reauth_required"
+        elif failures >= failing_after:
+            state = "refresh_failing"
+        else:
+            state = self.state
+        return replace(
+            self,
+            state=state,
+            consecutive_failures=failures,
+            last_error=reason,
+            next_refresh_at=None if final else retry_at,
+            updated_at=now,
+            version=self.version + 1,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The public status document; never a secret."""
+        return {
+            "provider": self.provider,
+            "user_id": self.user_id,
+            "state": self.state,
+            "scope": self.scope,
+            "access_expires_at": iso(self.access_expires_at),
+            "next_refresh_at": iso(self.next_refresh_at),
+            "last_refreshed_at": iso(self.last_refreshed_at),
+            "refresh_count": self.refresh_count,
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+            "refresh_token_issued_at": iso(self.refresh_token_issued_at),
+            "refresh_token_expires_at": iso(self.refresh_token_expires_at),
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+    def to_payload(self) -> bytes:
+        """The record to encrypt; identity and version live outside it."""
+        data = asdict(self)
+        for key in ("provider", "user_id", "version"):
+            del data[key]
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_payload(cls, provider: str, user_id: str, version: int, payload: bytes) -> Grant:
+        try:
+            data = json.loads(payload)
+            if not isinstance(data, dict):
+                raise TypeError("a grant record is a JSON object")
+            # Fields a newer version added are skipped, so replicas of two versions can share
+            # records during a rolling upgrade.
+            known = {f.name for f in fields(cls)}
+            data = {k: v for k, v in data.items() if k in known}
+            return cls(provider=provider, user_id=user_id, version=version, **data)
+        except (ValueError, TypeError) as err:
+            raise GrantUnreadable("stored grant record is malformed") from err

@@ -1,0 +1,163 @@
+"""One refresh per grant at a time, within a process and across replicas on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from broker.devprovider import DevProvider
+from tests.conftest import Broker, BrokerFactory, Clock, RedisServer, encryption_key
+
+
+def in_flight(broker: Broker) -> float:
+    app = broker.app
+    from broker.api import METRICS
+
+    value = app[METRICS].registry.get_sample_value("broker_http_requests_in_flight")
+    return value or 0.0
+
+
+async def until(condition: Any, what: str, within: float = 5.0) -> None:
+    """Wait for ``condition()`` to hold, checking every 10 ms, failing after ``within`` s."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_fifty_concurrent_requests_share_one_refresh(
+    make_broker: BrokerFactory, provider: DevProvider, store_url: dict[str, str]
+) -> None:
+    broker = await make_broker(**store_url)
+    await broker.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    broker.clock.advance(3600)
+    provider.reset_counters()
+    provider.hold()
+    calls = [asyncio.create_task(broker.token("u")) for _ in range(50)]
+    await provider.wait_for_token_requests(1)
+    await until(lambda: in_flight(broker) == 50, "all 50 requests to be waiting")
+    provider.release()
+    results = await asyncio.gather(*calls)
+    assert {status for status, _ in results} == {200}
+    assert len({body["access_token"] for _, body in results}) == 1
+    assert provider.refresh_requests == 1
+    assert provider.reused_refresh_tokens == 0
+
+
+@pytest.fixture
+async def replicas(
+    make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
+) -> tuple[Broker, Broker]:
+    """Two broker apps sharing one Redis, key prefix, encryption keys and clock."""
+    shared: dict[str, Any] = {
+        "redis_url": redis_server.url,
+        "key_prefix": key_prefix,
+        "encryption_keys": encryption_key(),
+        "clock": Clock(),
+    }
+    return await make_broker(**shared), await make_broker(**shared)
+
+
+async def test_two_replicas_racing_for_one_grant_refresh_once(
+    replicas: tuple[Broker, Broker], provider: DevProvider
+) -> None:
+    a, b = replicas
+    await a.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    a.clock.advance(3600)
+    provider.reset_counters()
+    provider.hold()
+    calls = [asyncio.create_task(r.token("u")) for r in (a, b) for _ in range(10)]
+    await provider.wait_for_token_requests(1)
+    await until(lambda: in_flight(a) == 10 and in_flight(b) == 10, "both replicas waiting")
+    provider.release()
+    results = await asyncio.gather(*calls)
+    assert {status for status, _ in results} == {200}
+    assert len({body["access_token"] for _, body in results}) == 1
+    assert provider.refresh_requests == 1
+    # Neither replica lost the rotated refresh token: both can refresh again, in turn.
+    for replica in (b, a):
+        replica.clock.advance(3600)
+        status, _ = await replica.token("u")
+        assert status == 200
+    assert provider.refresh_requests == 3
+    assert provider.reused_refresh_tokens == 0
+
+
+async def test_refresh_whose_lock_expired_still_keeps_the_rotated_token(
+    replicas: tuple[Broker, Broker], provider: DevProvider, redis_server: RedisServer
+) -> None:
+    """A replica stalls past its lock; another takes the lock and spends the old refresh token
+    (the provider sees a reuse). The first replica's rotated token must survive."""
+    a, b = replicas
+    await a.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    a.clock.advance(3600)
+    provider.reset_counters()
+    provider.hold()
+    first = asyncio.create_task(a.token("u"))
+    await provider.wait_for_token_requests(1)
+    app = a.app
+    from broker.api import STORE
+
+    lock_key = app[STORE].lock_key("dev", "u")
+    async with aioredis.Redis.from_url(redis_server.url) as redis:
+        assert await redis.delete(lock_key) == 1  # a's lock "expires" mid-call
+    second = asyncio.create_task(b.token("u"))
+    await provider.wait_for_token_requests(2)
+    provider.release()
+    status, token = await first
+    assert status == 200
+    await asyncio.gather(second)
+    assert provider.reused_refresh_tokens == 1
+    status, grant = await a.grant("u")
+    assert grant["state"] == "active"
+    a.clock.advance(3600)
+    status, later = await a.token("u")  # the stored refresh token is the live one
+    assert status == 200
+    assert later["access_token"] != token["access_token"]
+    assert provider.reused_refresh_tokens == 1
+
+
+async def test_lock_is_renewed_while_its_holder_works(
+    make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
+) -> None:
+    from dataclasses import replace
+
+    from broker.api import REFRESHER, STORE
+
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
+    app = broker.app
+    refresher, store = app[REFRESHER], app[STORE]
+    refresher.policy = replace(refresher.policy, lock_ttl=0.3)
+    async with refresher.locked("dev", "u"):
+        await asyncio.sleep(1.0)  # over three lock lifetimes
+        assert await store.acquire_lock("dev", "u", 1.0) is None
+    assert await store.acquire_lock("dev", "u", 1.0) is not None
+
+
+async def test_a_stale_write_cannot_overwrite_a_newer_record(
+    make_broker: BrokerFactory, store_url: dict[str, str]
+) -> None:
+    from dataclasses import replace
+
+    from broker.api import STORE
+    from broker.models import Grant
+
+    broker = await make_broker(**store_url)
+    app = broker.app
+    store = app[STORE]
+    v1 = Grant(provider="dev", user_id="u", refresh_token="rt-1", version=1)
+    assert await store.write(v1, 0)
+    assert not await store.write(v1, 0)  # "create" when it exists
+    v2 = replace(v1, refresh_token="rt-2", version=2)
+    assert await store.write(v2, 1)
+    stale = replace(v1, refresh_token="rt-stale", version=2)
+    assert not await store.write(stale, 1)
+    stored = await store.read("dev", "u")
+    assert stored is not None
+    assert stored.refresh_token == "rt-2"
+    assert stored.version == 2
