@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -321,7 +322,7 @@ def _encryption_keys(
     raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path, memory: bool
 ) -> tuple[tuple[tuple[str, bytes], ...], bool]:
     env_name = str(raw.get("encryption_keys_env", "BROKER_ENCRYPTION_KEYS"))
-    if environ.get(env_name):
+    if env_name in environ:  # set but empty is a mistake (a missing secret key), not "none"
         return parse_encryption_keys(environ[env_name], env_name), False
     if "encryption_keys_file" in raw:
         text = _read_secret_file("encryption_keys_file", raw["encryption_keys_file"], base_dir)
@@ -518,12 +519,19 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         if not isinstance(value, str):
             raise ConfigError(name, "must be a string")
         return value
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(name, f"must be a number, not {value!r}")
     try:
-        return kind(value)
-    except (TypeError, ValueError) as err:
+        number = float(value)
+    except ValueError as err:
         raise ConfigError(name, f"must be a number, not {value!r}") from err
+    if not math.isfinite(number):
+        raise ConfigError(name, f"must be a finite number, not {value!r}")
+    if kind is int:
+        if not number.is_integer():
+            raise ConfigError(name, f"must be a whole number, not {value!r}")
+        return int(number)
+    return number
 
 
 def _bool(name: str, value: Any) -> bool:

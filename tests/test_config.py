@@ -161,6 +161,37 @@ def test_a_bad_environment_value_is_named_by_its_variable() -> None:
 
 
 @pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("port", 8080.5, "must be a whole number"),
+        ("BROKER_PORT", "8080.5", "must be a whole number"),
+        ("lock_ttl", float("inf"), "must be a finite number"),
+        ("BROKER_PROVIDER_TIMEOUT", "nan", "must be a finite number"),
+        ("lock_ttl", [30], "must be a number"),
+    ],
+)
+def test_numbers_must_be_finite_and_whole_where_counted(
+    setting: str, value: Any, problem: str
+) -> None:
+    raw, env = (
+        (config(), {setting: value}) if setting.isupper() else (config(**{setting: value}), {})
+    )
+    with pytest.raises(ConfigError, match=f"^{setting}: {problem}"):
+        build(raw, {**KEYS_ENV, **env})
+
+
+def test_numbers_in_the_environment_are_parsed() -> None:
+    settings = build(config(), {**KEYS_ENV, "BROKER_PORT": "9091", "BROKER_LOCK_TTL": "12.5"})
+    assert (settings.port, settings.lock_ttl) == (9091, 12.5)
+
+
+def test_an_empty_encryption_keys_variable_is_an_error_not_a_throwaway_key() -> None:
+    """A secret that rendered empty must not silently run on a key nobody else has."""
+    with pytest.raises(ConfigError, match=r"^BROKER_ENCRYPTION_KEYS: no key given"):
+        build(config(), {"BROKER_ENCRYPTION_KEYS": ""})
+
+
+@pytest.mark.parametrize(
     "token_url", ["http://127.0.0.1:9000/token", "http://localhost/token", "http://[::1]/token"]
 )
 def test_plain_http_is_allowed_for_loopback_providers(token_url: str) -> None:
