@@ -1,7 +1,9 @@
 """The app factory: wiring, app keys and the lifecycles of Redis and the HTTP client session.
 
 Cleanup contexts exit in reverse order: the HTTP context (which drains refreshes in flight so a
-rotated token reaches Redis) exits before the Redis context closes the pool. Providers configured
+rotated token reaches Redis) exits before the Redis context closes the pool. Shutdown has one
+budget, ``shutdown_timeout`` from SIGTERM: handlers, then the scheduler, then refreshes in flight
+share it (the Helm chart's grace period is sized from it). Providers configured
 with ``issuer`` or ``discovery_url`` are resolved in the HTTP context, once, before any service
 is built; ``app[SETTINGS]`` then holds the resolved endpoints.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import aiohttp
@@ -24,6 +26,7 @@ from broker.authorize import AuthorizationService
 from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.grants import GrantService
+from broker.locks import GrantLocks, LockStore
 from broker.metrics import Metrics
 from broker.middlewares import make_middlewares
 from broker.oauth import OAuthClient, discover_all
@@ -44,6 +47,16 @@ class Clock(Protocol):
 CLOCK = web.AppKey("clock", Clock)
 
 
+@dataclass
+class DrainBudget:
+    """When shutdown must be done by (monotonic), set as it begins."""
+
+    deadline: float | None = None
+
+
+DRAIN = web.AppKey("drain", DrainBudget)
+
+
 def create_app(settings: Settings, *, clock: Clock = time.time) -> web.Application:
     """A ready-to-run broker app; Redis and the HTTP session open when it starts. ``clock``
     (unix seconds) lets tests move time instead of waiting for tokens to expire."""
@@ -59,6 +72,7 @@ def create_app(settings: Settings, *, clock: Clock = time.time) -> web.Applicati
     app[api.KEYRING] = KeyRing(settings.encryption_keys)
     app[api.STOPPING] = asyncio.Event()
     app[CLOCK] = clock
+    app[DRAIN] = DrainBudget()
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_services)
     app.cleanup_ctx.append(_scheduler)  # registered last: stops first
@@ -113,8 +127,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await session.close()
         raise
     app[api.SETTINGS] = settings
+    store = app[api.STORE]
+    locks = GrantLocks(
+        LockStore(
+            store,
+            min_replicas=settings.min_replicas_to_ack,
+            ack_timeout=settings.replica_ack_timeout,
+        ),
+        ttl=settings.lock_ttl,
+        wait_timeout=settings.lock_wait_timeout,
+    )
     refresher = Refresher(
-        app[api.STORE],
+        store,
+        locks,
         oauth,
         settings.providers,
         app[api.METRICS],
@@ -135,7 +160,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         clock=app[CLOCK],
     )
     yield
-    await refresher.drain()
+    # Whatever is left of the budget, but never less than one Redis round trip: a rotated
+    # token in hand gets its write.
+    await refresher.drain(max(_drain_left(app), settings.redis_timeout))
     await session.close()
 
 
@@ -155,10 +182,18 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     app[api.SCHEDULER] = scheduler
     scheduler.start()
     yield
-    await scheduler.stop()
+    await scheduler.stop(_drain_left(app))
+
+
+def _drain_left(app: web.Application) -> float:
+    deadline = app[DRAIN].deadline
+    if deadline is None:
+        return app[api.SETTINGS].shutdown_timeout
+    return max(0.0, deadline - time.monotonic())
 
 
 async def _stop_accepting(app: web.Application) -> None:
+    app[DRAIN].deadline = time.monotonic() + app[api.SETTINGS].shutdown_timeout
     app[api.STOPPING].set()
     if api.SCHEDULER in app:
         app[api.SCHEDULER].stop_claiming()

@@ -252,10 +252,11 @@ class AuthorizationService:
         just consented and the code is spent: a passing Redis error is retried briefly."""
         assert tokens.refresh_token is not None
         provider, user_id = pending.provider, pending.user_id
-        async with self._refresher.locked(provider, user_id):
+        async with self._refresher.locks.holding(provider, user_id):
             for attempt in range(GRANT_WRITE_ATTEMPTS):
                 try:
                     version = await self._store.version(provider, user_id)
+                    base_version = await self._store.base_version(version)
                     now = self._clock()
                     base = Grant(
                         provider=provider,
@@ -264,7 +265,7 @@ class AuthorizationService:
                         scope=pending.scope or None,
                         created_at=now,
                         updated_at=now,
-                        version=version,
+                        version=base_version,
                         refresh_token_issued_at=requested_at,
                     )
                     grant = self._refresher.with_tokens(

@@ -27,6 +27,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probing = False
         self._state: CircuitState = "closed"
+        self.last_reason: str | None = None  # of the last failure, for grants it leaves failing
 
     @property
     def state(self) -> CircuitState:
@@ -47,11 +48,15 @@ class CircuitBreaker:
     def retry_after(self) -> float:
         return max(1.0, self._opened_at + self._open_for - self._clock())
 
-    def record_success(self) -> None:
-        """The provider answered (tokens, or a definite rejection): it is up."""
+    def record_success(self) -> bool:
+        """The provider answered (tokens, or a definite rejection): it is up. True if that
+        closed an open circuit (the probe succeeded)."""
+        recovered = self._state != "closed"
         self._state, self._failures, self._probing = "closed", 0, False
+        return recovered
 
-    def record_failure(self) -> None:
+    def record_failure(self, reason: str | None = None) -> None:
+        self.last_reason = reason
         self._failures += 1
         if self._state == "half_open" or self._failures >= self._threshold:
             self._state, self._opened_at, self._probing = "open", self._clock(), False

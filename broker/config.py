@@ -121,8 +121,8 @@ class Settings:
     min_replicas_to_ack: int = 0
     schedule_shards: int = 1
     replica_ack_timeout: float = 1.0
-    rotated_write_window: float = 10.0
-    lock_ttl: float = 5.0
+    rotated_write_window: float = 45.0
+    lock_ttl: float = 60.0
     lock_wait_timeout: float = 20.0
     refresh_lead: float = 300.0
     refresh_jitter_max: float = 60.0
@@ -130,13 +130,15 @@ class Settings:
     retry_base: float = 1.0
     retry_max: float = 300.0
     circuit_failures: int = 5
-    circuit_open_for: float = 30.0
+    circuit_open_for: float = 5.0
     scheduler_enabled: bool = True
     scheduler_concurrency: int = 32
     provider_concurrency: int = 8
     scheduler_lease: float = 3.0
     scheduler_tick: float = 0.25
     refresh_token_warn_before: float = 86400.0
+    reconcile_interval: float = 1.0
+    reconcile_batch: int = 100
     store_retry_after: int = 2
     shutdown_timeout: float = 15.0
     authorization_ttl: int = AUTHORIZATION_TTL
@@ -205,6 +207,8 @@ _SCALARS: dict[str, type] = {
     "scheduler_lease": float,
     "scheduler_tick": float,
     "refresh_token_warn_before": float,
+    "reconcile_interval": float,
+    "reconcile_batch": int,
     "authorization_ttl": int,
 }
 
@@ -474,7 +478,7 @@ def _check_ranges(s: Settings) -> None:
         ("schedule_shards", 1 <= s.schedule_shards <= 256, "must be 1..256"),
         ("replica_ack_timeout", 0 < s.replica_ack_timeout <= 60, "must be in (0, 60]"),
         ("rotated_write_window", 0 < s.rotated_write_window <= 300, "must be in (0, 300]"),
-        ("lock_ttl", 0.5 <= s.lock_ttl <= 300, "must be 0.5..300 (it is renewed while held)"),
+        ("lock_ttl", 0.5 <= s.lock_ttl <= 600, "must be 0.5..600 (it is renewed while held)"),
         ("lock_wait_timeout", s.lock_wait_timeout > 0, "must be positive"),
         ("refresh_lead", s.refresh_lead >= 0, "must be >= 0"),
         ("refresh_jitter_max", s.refresh_jitter_max >= 0, "must be >= 0"),
@@ -488,10 +492,13 @@ def _check_ranges(s: Settings) -> None:
         ("scheduler_lease", 0.5 <= s.scheduler_lease <= 300, "must be 0.5..300"),
         ("scheduler_tick", 0.01 <= s.scheduler_tick <= 10, "must be 0.01..10"),
         ("authorization_ttl", 60 <= s.authorization_ttl <= 3600, "must be 60..3600"),
+        ("reconcile_interval", 0.01 <= s.reconcile_interval <= 3600, "must be 0.01..3600"),
+        ("reconcile_batch", 1 <= s.reconcile_batch <= 10000, "must be 1..10000"),
     ]
     for setting, ok, problem in checks:
         if not ok:
             raise ConfigError(setting, problem)
+    _check_relations(s)
     if not s.is_memory_store:
         scheme = urlsplit(s.redis_url).scheme
         if scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME, CLUSTER_SCHEME):
@@ -505,6 +512,30 @@ def _check_ranges(s: Settings) -> None:
             sentinel_target(s.redis_url)
         if scheme == CLUSTER_SCHEME:
             cluster_nodes(s.redis_url)
+
+
+def _check_relations(s: Settings) -> None:
+    """Settings that are only safe together (docs/operations.md, "Locks and timeouts")."""
+    held = s.provider_timeout + s.rotated_write_window + s.redis_timeout
+    if s.lock_ttl < held:
+        raise ConfigError(
+            "lock_ttl",
+            f"must be at least provider_timeout + rotated_write_window + redis_timeout "
+            f"(= {held:g}): a refresh holds its lock through the provider call and the write of "
+            "its result, or another replica could present the same refresh token",
+        )
+    if s.min_replicas_to_ack and s.replica_ack_timeout >= s.redis_timeout:
+        raise ConfigError(
+            "replica_ack_timeout",
+            f"must be shorter than redis_timeout ({s.redis_timeout:g}): WAIT blocks its "
+            "connection that long, and the command would time out first",
+        )
+    if s.min_replicas_to_ack and urlsplit(s.redis_url).scheme == CLUSTER_SCHEME:
+        raise ConfigError(
+            "min_replicas_to_ack",
+            "is not supported with redis+cluster (WAIT would have to run on each grant's node); "
+            "use 0, or a Sentinel-managed Redis",
+        )
 
 
 _LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})

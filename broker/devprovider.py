@@ -3,8 +3,11 @@
 It speaks authorization (code + PKCE S256), token (refresh_token and authorization_code grants),
 revocation (RFC 7009), introspection (RFC 7662) and discovery, with either client authentication
 method. It rotates refresh tokens and counts every rotated-out one presented again (for the broker
-that is a bug), and can be told to fail in every way real providers do. It imports nothing from
-the broker, so the tests measure the broker against an independent peer. It never logs a token.
+that is a bug); like a strict provider (RFC 9700 4.14.2) it then revokes the whole grant, its
+live refresh token and access tokens included, since it cannot tell the client from a thief
+(``revoke_on_reuse=False``, ``--forgive-reuse``: only count). It can be told to fail in every
+way real providers do. It imports nothing from the broker, so the tests measure the broker
+against an independent peer. It never logs a token.
 
     python -m broker.devprovider --port 9000 --access-token-ttl 30
 """
@@ -49,6 +52,8 @@ class DevProviderSettings:
     client_auth: ClientAuth = "client_secret_basic"
     access_token_ttl: int = 3600  # seconds
     rotate_refresh_tokens: bool = True  # a new RT on each refresh; the old one dies at once
+    # a rotated-out RT presented again revokes its grant (RFC 9700 4.14.2); None: when rotating
+    revoke_on_reuse: bool | None = None
     form_encoded: bool = False  # answer application/x-www-form-urlencoded, token_type "bearer"
     include_expires_in: bool = True
     scope: str = "public_api"  # scope granted when none is asked for
@@ -59,6 +64,13 @@ class DevProviderSettings:
     offline_scope: str | None = None
     # the user consents to only these of the scopes asked for (a narrower grant); None: all
     grantable_scopes: tuple[str, ...] | None = None
+
+    @property
+    def reuse_revokes(self) -> bool:
+        """Whether a reuse revokes the grant now: ``revoke_on_reuse``, else whether rotating."""
+        if self.revoke_on_reuse is None:
+            return self.rotate_refresh_tokens
+        return self.revoke_on_reuse
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,8 @@ class DevProvider:
             return _error(400, "invalid_grant")
         if presented != grant.refresh_token:
             self.reused_refresh_tokens += 1  # the caller lost track of a rotation
+            if self.settings.reuse_revokes:
+                grant.revoked = True  # either presenter may be a thief: neither keeps the grant
             return _error(400, "invalid_grant")
         return self._answer(grant, new_refresh_token=self.settings.rotate_refresh_tokens)
 
@@ -542,6 +556,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--access-token-ttl", type=int, default=3600, metavar="SECONDS")
     parser.add_argument("--no-rotation", action="store_true", help="keep refresh tokens")
+    parser.add_argument(
+        "--forgive-reuse",
+        action="store_true",
+        help="count a reused rotated-out refresh token but do not revoke its grant",
+    )
     parser.add_argument("--form-encoded", action="store_true", help="form-encoded token answers")
     parser.add_argument(
         "--client-auth", default="client_secret_basic", choices=get_args(ClientAuth)
@@ -555,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         client_auth=args.client_auth,
         access_token_ttl=args.access_token_ttl,
         rotate_refresh_tokens=not args.no_rotation,
+        revoke_on_reuse=False if args.forgive_reuse else None,
         form_encoded=args.form_encoded,
     )
     if args.client_secret_env:

@@ -19,6 +19,7 @@ from broker.errors import (
     InvalidRefreshToken,
     ProviderRejected,
     ProviderUnavailable,
+    StoreUnavailable,
     UpstreamUnavailable,
 )
 from broker.metrics import Metrics
@@ -64,8 +65,9 @@ class GrantService:
         access token comes with it. Returns the grant and whether it is new. Nothing is stored
         when validation fails."""
         settings = self._refresher.provider(provider)
-        async with self._refresher.locked(provider, user_id):
+        async with self._refresher.locks.holding(provider, user_id) as held:
             version = await self._store.version(provider, user_id)
+            base_version = await self._store.base_version(version)
             now = self._clock()
             if body.access_token is not None:
                 tokens = TokenSet(
@@ -75,6 +77,9 @@ class GrantService:
                     scope=body.scope,
                 )
             else:
+                # Validating spends the imported refresh token: the lock must stay ours
+                # through the call and the write of what it returns.
+                await self._refresher.locks.ensure(held, self._refresher.policy.call_budget)
                 tokens = await self._validate(settings.name, body.refresh_token)
             base = Grant(
                 provider=provider,
@@ -83,13 +88,16 @@ class GrantService:
                 scope=body.scope,
                 created_at=now,
                 updated_at=now,
-                version=version,
+                version=base_version,
                 refresh_token_issued_at=now,
             )
             grant = self._refresher.with_tokens(
                 base, tokens, refreshed=body.access_token is None, requested_at=now
             )
-            if not await self._store.write(grant, version):
+            outcome = await self._refresher.issued.write(grant, version)
+            if outcome == "lost":
+                raise StoreUnavailable("the grant could not be stored; Redis is unreachable")
+            if outcome == "conflict":
                 raise UpstreamUnavailable("the grant changed during the import; retry")
         log.info("grant.imported", provider=provider, user_id=user_id, replaced=version != 0)
         return grant, version == 0
@@ -121,7 +129,7 @@ class GrantService:
         """Revoke at the provider (best effort) and delete; an unreadable record is deleted
         without revocation so operators can clear it."""
         settings = self._refresher.provider(provider)
-        async with self._refresher.locked(provider, user_id):
+        async with self._refresher.locks.holding(provider, user_id):
             try:
                 grant = await self._store.read(provider, user_id)
             except GrantUnreadable:

@@ -44,7 +44,7 @@ class Metrics:
         )
         self.refreshes = Counter(
             "broker_refreshes",
-            "Refreshes at providers by outcome (success, rejected, transient).",
+            "Refreshes by outcome (success, rejected, transient; circuit_open: no call made).",
             ["provider", "outcome", "trigger"],
             registry=r,
         )
@@ -89,6 +89,20 @@ class Metrics:
             "broker_refresh_write_conflicts",
             "Refresh results not written because a newer record was already stored.",
             ["provider"],
+            registry=r,
+        )
+        self.rotated_writes_lost = Counter(
+            "broker_rotated_writes_lost",
+            "Tokens a provider issued that could not be stored within rotated_write_window "
+            "(Redis unreachable): that grant probably needs re-authorization.",
+            ["provider"],
+            registry=r,
+        )
+        self.index_repairs = Counter(
+            "broker_index_repairs",
+            "Index entries the reconciler repaired (a grant missing from the schedule or a "
+            "state set after a lost index update).",
+            ["provider", "index"],
             registry=r,
         )
         self.schedule_lag = Gauge(

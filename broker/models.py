@@ -132,12 +132,14 @@ class Grant:
         self, reason: str, now: float, *, final: bool, failing_after: int, retry_at: float | None
     ) -> Grant:
         """The grant after a failed refresh, to be retried at ``retry_at`` unless ``final``; it
-        is never dropped, only marked."""
+        is never dropped, only marked. It is ``refresh_failing`` after ``failing_after``
+        failures in a row, or at once when its access token has expired: nothing valid is
+        left to serve."""
         failures = self.consecutive_failures + 1
         state: GrantState
         if final:
             state = "reauth_required"
-        elif failures >= failing_after:
+        elif failures >= failing_after or self.valid_for(now) <= 0:
             state = "refresh_failing"
         else:
             state = self.state

@@ -1,13 +1,16 @@
 """Refreshing one grant safely, shared by the token API, imports and the scheduler.
 
-Rotating refresh tokens die the moment they are used, so a refresh must happen once:
+Rotating refresh tokens die the moment they are used, and strict providers (RFC 9700 §4.14.2)
+revoke the whole grant when a used one comes back, so a refresh token is presented once:
 - within a process, concurrent callers for one grant share one refresh (single flight), run in
   its own task so a caller that disconnects cannot cancel it half-way;
-- across replicas, a Redis lock per grant, renewed while the provider call runs, and a re-read
-  of the grant after taking it (another replica may have refreshed already);
-- every write is fenced on the version that was read, so a refresh that lost its lock cannot
-  overwrite a newer record. The one exception is a newer record that only says
-  ``reauth_required`` because *our* refresh spent the token it tried: our result is the truth.
+- across replicas, the grant's Redis lock (``broker/locks.py``): a provider call starts only
+  while the lock is certainly ours for the call's whole timeout plus the rotated-write window,
+  and the grant is re-read after taking it (another replica may have refreshed already);
+- tokens the provider issued are kept and their write retried through a Redis outage
+  (``broker/issued.py``), while callers get the new access token at once;
+- every write is fenced on the version that was read, so a stale writer changes nothing, and a
+  refresh that finds a newer record afterwards returns it instead of its own verdict.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -34,6 +36,8 @@ from broker.errors import (
     StoreUnavailable,
     UpstreamUnavailable,
 )
+from broker.issued import IssuedWriter
+from broker.locks import GrantLocks, HeldLock, LockLost
 from broker.metrics import Metrics
 from broker.models import Grant, TokenSet, refresh_due_at
 from broker.oauth import OAuthClient
@@ -41,40 +45,40 @@ from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
 
-Trigger = Literal["on_demand", "scheduled", "import"]
-LOCK_POLL_FIRST = 0.02
-LOCK_POLL_MAX = 0.25
-ROTATED_WRITE_BACKOFF = 0.1
-ROTATED_WRITE_BACKOFF_MAX = 1.0
+Trigger = Literal["on_demand", "scheduled", "probe", "import"]
 
 
 @dataclass(frozen=True, slots=True)
 class RefreshPolicy:
-    lock_ttl: float
-    lock_wait_timeout: float
     lead: float
     jitter_max: float
     failures_before_failing: int
+    provider_timeout: float = 10.0
+    rotated_write_window: float = 45.0
     retry_base: float = 1.0
     retry_max: float = 300.0
     circuit_failures: int = 5
-    circuit_open_for: float = 30.0
-    rotated_write_window: float = 10.0
+    circuit_open_for: float = 5.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> RefreshPolicy:
         return cls(
-            lock_ttl=s.lock_ttl,
-            lock_wait_timeout=s.lock_wait_timeout,
             lead=s.refresh_lead,
             jitter_max=s.refresh_jitter_max,
             failures_before_failing=s.failures_before_failing,
+            provider_timeout=s.provider_timeout,
+            rotated_write_window=s.rotated_write_window,
             retry_base=s.retry_base,
             retry_max=s.retry_max,
             circuit_failures=s.circuit_failures,
             circuit_open_for=s.circuit_open_for,
-            rotated_write_window=s.rotated_write_window,
         )
+
+    @property
+    def call_budget(self) -> float:
+        """How long the lock must stay ours when a provider call starts: the call, then the
+        write of what it returned."""
+        return self.provider_timeout + self.rotated_write_window
 
     def retry_delay(self, failures: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter, never sooner than the provider's Retry-After
@@ -85,13 +89,22 @@ class RefreshPolicy:
 
 
 def fresh_enough(grant: Grant, min_ttl: float, now: float) -> bool:
-    """Whether the held token satisfies ``min_ttl``. For a token the provider issued to us,
-    ``min_ttl`` is capped at half its lifetime: a caller asking for more than the provider ever
-    issues must not force a refresh on every request."""
+    """Whether the held token lasts ``min_ttl`` more seconds. A ``min_ttl`` the provider's
+    lifetime cannot meet is capped at half that lifetime: the freshest token the broker can
+    hold without refreshing more than once per half lifetime."""
     remaining = grant.valid_for(now)
     lifetime = grant.lifetime()
-    needed = min_ttl if lifetime is None else min(min_ttl, lifetime / 2)
+    needed = min_ttl if lifetime is None or min_ttl < lifetime else lifetime / 2
     return remaining > 0 and remaining >= needed
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One refresh of one grant in this process, and what its callers wait for."""
+
+    task: asyncio.Task[Grant]
+    result: asyncio.Future[Grant]  # set early when the new tokens' write is delayed
+    min_ttl: float
 
 
 class Refresher:
@@ -100,6 +113,7 @@ class Refresher:
     def __init__(
         self,
         store: GrantStore,
+        locks: GrantLocks,
         oauth: OAuthClient,
         providers: Mapping[str, ProviderSettings],
         metrics: Metrics,
@@ -107,12 +121,15 @@ class Refresher:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self.locks = locks
         self._oauth = oauth
         self._providers = providers
         self._metrics = metrics
         self.policy = policy
         self.clock = clock
-        self._inflight: dict[tuple[str, str], asyncio.Task[Grant]] = {}
+        self.issued = IssuedWriter(store, metrics, policy.rotated_write_window)
+        self._inflight: dict[tuple[str, str], _Flight] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.breakers = {
             name: CircuitBreaker(policy.circuit_failures, policy.circuit_open_for)
             for name in providers
@@ -149,111 +166,150 @@ class Refresher:
         first if needed; a still-valid token is served when the provider cannot refresh."""
         self.provider(provider)
         grant = await self._read(provider, user_id)
-        if fresh_enough(grant, min_ttl, self.clock()):
-            return grant
-        grant = await self._single_flight(provider, user_id, min_ttl)
-        if not fresh_enough(grant, min_ttl, self.clock()) and grant.valid_for(self.clock()) <= 0:
+        for _ in range(2):  # a shared refresh started for a smaller min_ttl: then our own
+            if fresh_enough(grant, min_ttl, self.clock()):
+                return grant
+            flight = self._flight(provider, user_id, min_ttl, "on_demand")
+            grant = await asyncio.shield(flight.result)
+            if flight.min_ttl >= min_ttl:
+                break
+        if grant.valid_for(self.clock()) <= 0:
             raise UpstreamUnavailable("the access token expired and could not be refreshed")
         return grant
 
-    async def refresh_due(self, provider: str, user_id: str) -> Grant:
-        """Refresh a grant whose scheduled time has come (the scheduler's entry point)."""
-        return await self._single_flight(provider, user_id, math.inf, trigger="scheduled")
+    async def refresh_due(self, provider: str, user_id: str, *, probe: bool = False) -> Grant:
+        """Refresh a grant whose scheduled time has come (the scheduler's entry point); a
+        ``probe`` of a half-open circuit refreshes it whatever its due time."""
+        flight = self._flight(provider, user_id, 0.0, "probe" if probe else "scheduled")
+        return await asyncio.shield(flight.result)
 
-    async def _single_flight(
-        self, provider: str, user_id: str, min_ttl: float, trigger: Trigger = "on_demand"
-    ) -> Grant:
+    def _flight(self, provider: str, user_id: str, min_ttl: float, trigger: Trigger) -> _Flight:
+        """The refresh of this grant in flight in this process, or a new one."""
         key = (provider, user_id)
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.create_task(self._refresh(provider, user_id, min_ttl, trigger))
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: self._forget(key, t))
-        return await asyncio.shield(task)
+        flight = self._inflight.get(key)
+        if flight is None:
+            result: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._refresh(provider, user_id, min_ttl, trigger, result))
+            flight = _Flight(task, result, min_ttl if trigger == "on_demand" else 0.0)
+            self._inflight[key] = flight
+            task.add_done_callback(lambda t: self._landed(key, flight))
+        return flight
 
-    def _forget(self, key: tuple[str, str], task: asyncio.Task[Grant]) -> None:
-        if self._inflight.get(key) is task:
+    def _landed(self, key: tuple[str, str], flight: _Flight) -> None:
+        if self._inflight.get(key) is flight:
             del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: every awaiter may have gone away
+        task, result = flight.task, flight.result
+        if not result.done():
+            if task.cancelled():
+                result.cancel()
+            elif (error := task.exception()) is not None:
+                result.set_exception(error)
+            else:
+                result.set_result(task.result())
+        elif not task.cancelled():
+            task.exception()  # retrieved: its result went out early
+        if not result.cancelled():
+            result.exception()  # retrieved: every awaiter may have gone away
 
-    async def drain(self) -> None:
-        """Wait for refreshes in flight (shutdown): a rotated token must reach the store."""
-        if self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+    def _spawn(self, coroutine: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coroutine)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self, budget: float) -> None:
+        """Wait (up to ``budget`` s) for refreshes in flight, then for writes of issued
+        tokens still retrying: a rotated token must reach the store (shutdown)."""
+        deadline = time.monotonic() + budget
+        pending = [f.task for f in self._inflight.values()] + list(self._background)
+        if pending and budget > 0:
+            await asyncio.wait(pending, timeout=budget)
+        await self.issued.drain(deadline - time.monotonic())
 
     async def _refresh(
-        self, provider: str, user_id: str, min_ttl: float, trigger: Trigger
+        self,
+        provider: str,
+        user_id: str,
+        min_ttl: float,
+        trigger: Trigger,
+        result: asyncio.Future[Grant],
     ) -> Grant:
-        try:
-            async with self.locked(provider, user_id):
-                grant = await self._read(provider, user_id)
-                now = self.clock()
-                if trigger == "scheduled":
-                    if grant.next_refresh_at is not None and grant.next_refresh_at > now:
-                        return grant
-                elif fresh_enough(grant, min_ttl, now):
-                    return grant  # another caller or replica refreshed while we waited
-                return await self._refresh_locked(grant, trigger)
-        except UpstreamUnavailable:
-            # The lock stayed busy (a stuck replica): a still-valid token beats an error.
-            grant = await self._read(provider, user_id)
-            if grant.valid_for(self.clock()) > 0:
-                return grant
-            raise
+        def satisfied(grant: Grant) -> bool:
+            now = self.clock()
+            if trigger == "probe":
+                return False
+            if trigger == "scheduled":
+                # Not due yet (refreshed elsewhere meanwhile). A failing grant is tried
+                # whenever it is claimed: a recovered provider made it due early.
+                due = grant.next_refresh_at
+                return grant.state == "active" and due is not None and due > now
+            return fresh_enough(grant, min_ttl, now)
 
-    async def _refresh_locked(self, grant: Grant, trigger: Trigger) -> Grant:
+        async def no_longer_needed() -> bool:
+            grant = await self._store.read(provider, user_id)
+            return grant is None or grant.state == "reauth_required" or satisfied(grant)
+
+        # The scheduler never waits for a busy lock: its holder is refreshing already.
+        background = trigger in ("scheduled", "probe")
+        try:
+            wait = 0.0 if background else None
+            held = await self.locks.acquire(provider, user_id, wait=wait, until=no_longer_needed)
+        except UpstreamUnavailable:
+            grant = await self._read(provider, user_id)
+            if background or grant.valid_for(self.clock()) > 0:
+                return grant  # a still-valid token beats an error
+            raise
+        if held is None:
+            return await self._read(provider, user_id)  # another holder stored what we need
+        renewer = asyncio.create_task(self.locks.keep_renewed(held))
+        try:
+            grant = await self._read(provider, user_id)
+            if satisfied(grant):
+                return grant
+            try:
+                return await self._refresh_locked(grant, held, trigger, result)
+            except LockLost:
+                if background or grant.valid_for(self.clock()) > 0:
+                    return grant
+                raise
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            await self.locks.release(held)
+
+    async def _refresh_locked(
+        self, grant: Grant, held: HeldLock, trigger: Trigger, result: asyncio.Future[Grant]
+    ) -> Grant:
         settings = self.provider(grant.provider)
         breaker = self.breakers[grant.provider]
+        # The lock must stay ours through the call and the write of its result: another
+        # replica presenting this refresh token meanwhile would be a reuse.
+        await self.locks.ensure(held, self.policy.call_budget)
         if not breaker.allow():
-            if grant.valid_for(self.clock()) > 0:
-                return grant
-            raise UpstreamUnavailable(
-                "the provider is failing; calls to it are paused",
-                retry_after=math.ceil(breaker.retry_after()),
-            )
+            return await self._circuit_open(grant, breaker, trigger)
         started, requested_at = time.perf_counter(), self.clock()
         try:
             tokens = await self._oauth.refresh(settings, grant.refresh_token)
         except ProviderRejected as err:
             breaker.record_success()
             self._count(grant, "rejected", trigger, started)
-            await self._record_failure(grant, err.reason, final=True)
-            log.warning(
-                "grant.reauth_required",
-                provider=grant.provider,
-                user_id=grant.user_id,
-                reason=err.reason,
-                trigger=trigger,
-            )
-            raise ReauthRequired(f"the provider rejected the refresh token ({err.reason})") from err
+            return await self._rejected(grant, err, trigger)
         except ProviderUnavailable as err:
-            breaker.record_failure()
+            breaker.record_failure(err.reason)
             self._count(grant, "transient", trigger, started)
-            failed = await self._record_failure(
-                grant, err.reason, final=False, retry_after=err.retry_after
-            )
-            log.warning(
-                "refresh.failed",
-                provider=grant.provider,
-                user_id=grant.user_id,
-                reason=err.reason,
-                failures=failed.consecutive_failures,
-                trigger=trigger,
-            )
-            if grant.valid_for(self.clock()) > 0:
-                return failed
-            raise UpstreamUnavailable(
-                f"the provider could not refresh the token ({err.reason})",
-                retry_after=math.ceil(err.retry_after or 1),
-            ) from err
+            return await self._transient(grant, err, trigger)
         except BaseException:
             breaker.release_probe()
             raise
-        breaker.record_success()
+        if breaker.record_success():
+            self._spawn(self._expedite(grant.provider))
         new = self.with_tokens(grant, tokens, refreshed=True, requested_at=requested_at)
         self._count(grant, "success", trigger, started)
-        stored = await self._store_rotated(grant, new)
+
+        def answer_early() -> None:
+            if not result.done():
+                result.set_result(new)
+
+        outcome = await self.issued.write(new, grant.version, on_delay=answer_early)
         log.info(
             "refresh.succeeded",
             provider=grant.provider,
@@ -261,71 +317,132 @@ class Refresher:
             rotated=new.refresh_token != grant.refresh_token,
             expires_in=tokens.expires_in,
             trigger=trigger,
+            stored=outcome,
         )
-        return stored
+        if outcome == "conflict":
+            current = await self._store.read(new.provider, new.user_id)
+            if current is None:
+                raise GrantNotFound("the grant was deleted during the refresh")
+            self._metrics.lost_writes.labels(new.provider).inc()
+            log.error(
+                "refresh.write_conflict",
+                provider=new.provider,
+                user_id=new.user_id,
+                read_version=grant.version,
+                stored_version=current.version,
+            )
+        return new  # its access token is valid whatever happened to the write
 
-    async def _store_rotated(self, old: Grant, new: Grant) -> Grant:
-        """Write tokens the provider has just issued; the old refresh token may be dead now, so
-        Redis errors are retried for ``rotated_write_window`` seconds (long enough to ride out
-        a Sentinel failover) rather than dropping the new one."""
-        deadline = time.monotonic() + self.policy.rotated_write_window
-        delay = ROTATED_WRITE_BACKOFF
-        while True:
-            try:
-                if await self._store.write(new, old.version):
-                    return new
-                break
-            except StoreUnavailable:
-                if time.monotonic() + delay > deadline:
-                    log.error(
-                        "refresh.rotated_write_failed", provider=new.provider, user_id=new.user_id
-                    )
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, ROTATED_WRITE_BACKOFF_MAX)
-        current = await self._store.read(new.provider, new.user_id)
-        if current is None:
-            raise GrantNotFound("the grant was deleted during the refresh")
-        if current.state == "reauth_required" and current.refresh_token == old.refresh_token:
-            # Another replica spent our old token after our lock lapsed: ours is the live one.
-            repaired = replace(new, version=current.version + 1)
-            if await self._store.write(repaired, current.version):
-                log.warning("refresh.repaired_reauth", provider=new.provider, user_id=new.user_id)
-                return repaired
-        self._metrics.lost_writes.labels(new.provider).inc()
-        log.error(
-            "refresh.write_conflict",
-            provider=new.provider,
-            user_id=new.user_id,
-            read_version=old.version,
-            stored_version=current.version,
+    async def _rejected(self, grant: Grant, err: ProviderRejected, trigger: Trigger) -> Grant:
+        """The provider refused the refresh token. If a newer record was stored meanwhile
+        (another replica rotated it), that one is the truth: it is returned, not marked."""
+        written = await self._record_failure(grant, err.reason, final=True)
+        if written is False:
+            current = await self._store.read(grant.provider, grant.user_id)
+            if current is not None and current.state != "reauth_required":
+                log.warning(
+                    "refresh.rejected_stale_token", provider=grant.provider, user_id=grant.user_id
+                )
+                return current
+        log.warning(
+            "grant.reauth_required",
+            provider=grant.provider,
+            user_id=grant.user_id,
+            reason=err.reason,
+            trigger=trigger,
         )
-        return new  # its access token is valid; the newer record stays the stored truth
+        raise ReauthRequired(f"the provider rejected the refresh token ({err.reason})") from err
 
-    async def _record_failure(
-        self, grant: Grant, reason: str, *, final: bool, retry_after: float | None = None
-    ) -> Grant:
-        """Mark the failure on the grant and when to retry; best effort, the caller's answer
-        does not depend on it."""
+    async def _transient(self, grant: Grant, err: ProviderUnavailable, trigger: Trigger) -> Grant:
+        failed = self._failed(grant, err.reason, retry_after=err.retry_after)
+        written = await self._write_failure(failed, grant.version)
+        log.warning(
+            "refresh.failed",
+            provider=grant.provider,
+            user_id=grant.user_id,
+            reason=err.reason,
+            failures=failed.consecutive_failures,
+            trigger=trigger,
+        )
+        if written is False:
+            current = await self._store.read(grant.provider, grant.user_id)
+            if current is not None and current.state != "reauth_required":
+                failed = current  # a newer record: its token may be fresh
+        if failed.valid_for(self.clock()) > 0:
+            return failed
+        raise UpstreamUnavailable(
+            f"the provider could not refresh the token ({err.reason})",
+            retry_after=math.ceil(err.retry_after or 1),
+        ) from err
+
+    async def _circuit_open(self, grant: Grant, breaker: CircuitBreaker, trigger: Trigger) -> Grant:
+        """No call while the provider's circuit is open. A grant whose token has expired is
+        marked ``refresh_failing`` at once, so status and metrics tell the truth; it is tried
+        again at the next probe (``expedite`` then makes it due at once)."""
         now = self.clock()
-        delay = self.policy.retry_delay(grant.consecutive_failures + 1, retry_after)
-        failed = grant.with_failure(
+        self._metrics.refreshes.labels(grant.provider, "circuit_open", trigger).inc()
+        if grant.valid_for(now) > 0:
+            return grant
+        if grant.state != "refresh_failing":
+            reason = breaker.last_reason or "circuit_open"
+            failed = self._failed(grant, reason, retry_after=breaker.retry_after())
+            if await self._write_failure(failed, grant.version):
+                grant = failed
+        raise UpstreamUnavailable(
+            "the provider is failing; calls to it are paused",
+            retry_after=math.ceil(breaker.retry_after()),
+        )
+
+    async def _expedite(self, provider: str) -> None:
+        """The provider answers again: grants left failing by the outage are due now, not
+        after their own backoff (the scheduler's concurrency bounds the burst)."""
+        try:
+            count = await self._store.expedite(provider, self.clock())
+        except StoreUnavailable:
+            log.warning("refresh.expedite_failed", provider=provider)
+            return
+        log.info("refresh.provider_recovered", provider=provider, expedited=count)
+
+    def _failed(self, grant: Grant, reason: str, *, retry_after: float | None) -> Grant:
+        """The grant after a transient failure, retried after a backoff, but no later than its
+        access token's expiry while it has one: the attempt then tells whether it still works
+        (and the state turns ``refresh_failing`` if not)."""
+        now = self.clock()
+        retry_at = now + self.policy.retry_delay(grant.consecutive_failures + 1, retry_after)
+        expires = grant.access_expires_at
+        if expires is not None and now < expires < retry_at:
+            retry_at = max(expires, now + (retry_after or 0.0))
+        return grant.with_failure(
             reason,
             now,
+            final=False,
+            failing_after=self.policy.failures_before_failing,
+            retry_at=retry_at,
+        )
+
+    async def _record_failure(self, grant: Grant, reason: str, *, final: bool) -> bool | None:
+        failed = grant.with_failure(
+            reason,
+            self.clock(),
             final=final,
             failing_after=self.policy.failures_before_failing,
-            retry_at=now + delay,
+            retry_at=None,
         )
+        return await self._write_failure(failed, grant.version)
+
+    async def _write_failure(self, failed: Grant, expected_version: int) -> bool | None:
+        """Mark a failure on the stored grant; False if a newer record is there, None if Redis
+        is unreachable (best effort: the caller's answer does not depend on it)."""
         try:
-            await self._store.write(failed, grant.version)
+            return await self._store.write(failed, expected_version)
         except StoreUnavailable:
             log.warning(
                 "refresh.failure_not_recorded",
-                provider=grant.provider,
-                user_id=grant.user_id,
-                reason=reason,
+                provider=failed.provider,
+                user_id=failed.user_id,
+                reason=failed.last_error,
             )
-        return failed
+            return None
 
     def _count(self, grant: Grant, outcome: str, trigger: Trigger, started: float) -> None:
         self._metrics.refreshes.labels(grant.provider, outcome, trigger).inc()
@@ -338,38 +455,3 @@ class Refresher:
         if grant.state == "reauth_required":
             raise ReauthRequired(f"the user must authorize {provider!r} again ({grant.last_error})")
         return grant
-
-    @asynccontextmanager
-    async def locked(self, provider: str, user_id: str) -> AsyncIterator[None]:
-        """Hold the grant's cross-replica lock, renewed while the body runs."""
-        deadline = time.monotonic() + self.policy.lock_wait_timeout
-        poll = LOCK_POLL_FIRST
-        while (
-            token := await self._store.acquire_lock(provider, user_id, self.policy.lock_ttl)
-        ) is None:
-            if time.monotonic() >= deadline:
-                raise UpstreamUnavailable(
-                    "a refresh of this grant is stuck; try again", retry_after=1
-                )
-            await asyncio.sleep(poll)
-            poll = min(poll * 2, LOCK_POLL_MAX)
-        renewer = asyncio.create_task(self._keep_renewed(provider, user_id, token))
-        try:
-            yield
-        finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
-            try:
-                await self._store.release_lock(provider, user_id, token)
-            except StoreUnavailable:
-                log.warning("lock.release_failed", provider=provider, user_id=user_id)
-
-    async def _keep_renewed(self, provider: str, user_id: str, token: str) -> None:
-        while True:
-            await asyncio.sleep(self.policy.lock_ttl / 3)
-            try:
-                if not await self._store.renew_lock(provider, user_id, token, self.policy.lock_ttl):
-                    log.warning("lock.lost", provider=provider, user_id=user_id)
-                    return
-            except StoreUnavailable:
-                log.warning("lock.renew_failed", provider=provider, user_id=user_id)

@@ -7,8 +7,13 @@ most, and those grants come due again for the others when the leases end. Leases
 while their refresh runs; the refresh itself goes through the same per-grant lock and fenced
 writes as on-demand refreshes, so the two never both spend a rotating refresh token.
 
+While a provider's circuit is open, due grants are still claimed (a bounded number per tick)
+but no provider call is made: a grant whose access token has expired is marked
+``refresh_failing`` and waits for the next probe; a successful probe makes them due at once.
+
 A tick costs one small script call per provider whatever the number of grants stored: the
-claim reads only the due end of a sorted set.
+claim reads only the due end of a sorted set. Every ``reconcile_interval`` the reconciler also
+checks one bounded batch of grants against the indexes (``broker/reconcile.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -29,8 +35,10 @@ from broker.errors import (
     GrantUnreadable,
     ReauthRequired,
     StoreUnavailable,
+    Unavailable,
 )
 from broker.metrics import Metrics
+from broker.reconcile import IndexReconciler
 from broker.refresh import Refresher
 from broker.store import GrantStore
 
@@ -38,6 +46,7 @@ log = structlog.get_logger(__name__)
 
 STATS_INTERVAL = 5.0
 STORE_ERROR_PAUSE = 1.0
+BUSY_RETRY_MIN = 0.2
 UNREADABLE_RETRY = 3600.0  # a record that fails decryption waits for an operator (key restore)
 
 
@@ -49,6 +58,8 @@ class SchedulerPolicy:
     tick: float
     drain_timeout: float
     rt_warn_before: float
+    reconcile_interval: float = 1.0
+    reconcile_batch: int = 100
 
     @classmethod
     def from_settings(cls, s: Settings) -> SchedulerPolicy:
@@ -59,6 +70,8 @@ class SchedulerPolicy:
             tick=s.scheduler_tick,
             drain_timeout=s.shutdown_timeout,
             rt_warn_before=s.refresh_token_warn_before,
+            reconcile_interval=s.reconcile_interval,
+            reconcile_batch=s.reconcile_batch,
         )
 
 
@@ -79,10 +92,12 @@ class Scheduler:
         self._policy = policy
         self._clock = clock
         self._busy: dict[str, int] = dict.fromkeys(providers, 0)
+        self._probing: set[str] = set()
         self._work: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._reconciler = IndexReconciler(store, metrics, policy.reconcile_batch)
         self.lag = 0.0
         self.last_tick = 0.0
 
@@ -98,15 +113,17 @@ class Scheduler:
         self._stopping.set()
         self._wake.set()
 
-    async def stop(self) -> None:
-        """Stop claiming; let refreshes in flight finish within the drain time, then hand the
-        leases of any unfinished ones back so another replica takes them at once."""
+    async def stop(self, budget: float | None = None) -> None:
+        """Stop claiming; let refreshes in flight finish within ``budget`` (default: the
+        drain time), then hand the leases of any unfinished ones back so another replica takes
+        them at once. (The refreshes themselves go on: their results must be stored.)"""
         self._stopping.set()
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
         if self._work:
-            _, pending = await asyncio.wait(self._work, timeout=self._policy.drain_timeout)
+            wait = self._policy.drain_timeout if budget is None else max(0.0, budget)
+            _, pending = await asyncio.wait(self._work, timeout=wait)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -116,13 +133,16 @@ class Scheduler:
         return configured or self._policy.provider_concurrency
 
     async def _run(self) -> None:
-        next_stats = 0.0
+        next_stats = next_reconcile = 0.0
         while not self._stopping.is_set():
             try:
                 await self._claim_and_start()
                 if time.monotonic() >= next_stats:
                     await self._update_stats()
                     next_stats = time.monotonic() + STATS_INTERVAL
+                if time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + self._policy.reconcile_interval
+                    await self._reconciler.step()
             except StoreUnavailable:
                 log.warning("scheduler.store_unavailable")
                 await asyncio.sleep(STORE_ERROR_PAUSE)
@@ -140,50 +160,85 @@ class Scheduler:
                 self._policy.concurrency - len(self._work),
                 self._limit(provider) - self._busy[provider],
             )
-            breaker = self._refresher.breakers[provider]
-            if breaker.state == "open":
-                continue
-            if breaker.state == "half_open":
-                free = min(free, 1)
             if free <= 0:
                 continue
+            if self._refresher.breakers[provider].state == "half_open":
+                if provider in self._probing:
+                    continue
+                # The probe: a grant left failing by the outage (none may be due for a while
+                # after their backoff), else the next due one.
+                probe = await self._store.failing_sample(provider)
+                if probe is not None:
+                    self._start(provider, self._probe(provider, probe))
+                    continue
+                free = 1
             now = self._clock()
             lease = now + self._policy.lease
             for user_id in await self._store.claim_due(provider, now, lease, free):
-                self._busy[provider] += 1
-                task = asyncio.create_task(self._refresh(provider, user_id, lease))
-                self._work.add(task)
-                task.add_done_callback(self._done)
+                self._start(provider, self._refresh(provider, user_id, lease))
+
+    def _start(self, provider: str, work: Coroutine[Any, Any, None]) -> None:
+        self._busy[provider] += 1
+        task = asyncio.create_task(work)
+        self._work.add(task)
+        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._work.discard(task)
         self._wake.set()  # a slot is free: claim more now, not at the next tick
+
+    async def _probe(self, provider: str, user_id: str) -> None:
+        """Try one failing grant while the circuit is half-open; success closes the circuit
+        and makes the others due at once (``Refresher._expedite``)."""
+        self._probing.add(provider)
+        try:
+            await self._refresher.refresh_due(provider, user_id, probe=True)
+        except BrokerError as err:
+            log.info("scheduler.probe_failed", provider=provider, problem=err.code)
+        except Exception:
+            log.exception("scheduler.refresh_crashed", provider=provider, user_id=user_id)
+        finally:
+            self._probing.discard(provider)
+            self._busy[provider] -= 1
 
     async def _refresh(self, provider: str, user_id: str, lease: float) -> None:
         renewer = asyncio.create_task(self._keep_lease(provider, user_id, lease))
         try:
             grant = await self._refresher.refresh_due(provider, user_id)
             if grant.next_refresh_at is not None:
-                # Skipped (not due after all, or the circuit opened): our lease must not stand
-                # in for the real due time. A write that rescheduled it already wins.
-                await self._store.move_lease(
-                    provider, user_id, await renewer_score(renewer, lease), grant.next_refresh_at
-                )
+                # Skipped (not due after all, refreshed elsewhere, circuit open): our lease must
+                # not stand in for the real due time. A write that rescheduled it already wins.
+                held, now = await renewer_score(renewer, lease), self._clock()
+                to = grant.next_refresh_at
+                if to <= now:  # overdue and still not refreshed: not again at once
+                    to = now + self._retry_after(provider)
+                await self._store.move_lease(provider, user_id, held, to)
         except (ReauthRequired, GrantNotFound):
             # The write (or delete) normally took it off the schedule; if that update was
-            # lost, this stale entry would come due every lease: remove it.
-            await self._store.unschedule(provider, user_id)
+            # lost, this stale entry would come due every lease: drop it (if still ours).
+            await self._store.move_lease(
+                provider, user_id, await renewer_score(renewer, lease), None
+            )
         except GrantUnreadable:
             log.error(
                 "security.grant_unreadable", provider=provider, user_id=user_id, trigger="scheduled"
             )
             held = await renewer_score(renewer, lease)
             await self._store.move_lease(provider, user_id, held, self._clock() + UNREADABLE_RETRY)
-        except BrokerError as err:
-            # Transient: the failure and its retry time were recorded on the grant; if not,
-            # the lease runs out and the grant comes due again.
+        except Unavailable as err:
+            # Transient: the failure and its retry time were recorded on the grant (that write
+            # rescheduled it); if not, try again after the provider's or the store's delay.
             log.info(
-                "scheduler.refresh_deferred", provider=provider, user_id=user_id, code=err.code
+                "scheduler.refresh_deferred", provider=provider, user_id=user_id, problem=err.code
+            )
+            retry = self._clock() + max(err.retry_after, self._retry_after(provider))
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.move_lease(
+                    provider, user_id, await renewer_score(renewer, lease), retry
+                )
+        except BrokerError as err:
+            log.info(
+                "scheduler.refresh_deferred", provider=provider, user_id=user_id, problem=err.code
             )
         except asyncio.CancelledError:
             # Shutdown ran out of drain time: hand the claim back so another replica takes it
@@ -198,6 +253,15 @@ class Scheduler:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             self._busy[provider] -= 1
+
+    def _retry_after(self, provider: str) -> float:
+        """The soonest an overdue grant that was skipped is worth claiming again: after the
+        next probe while its provider's circuit is open; otherwise its lock was busy (another
+        replica refreshing it, or a dead one's lock running out), so again shortly."""
+        breaker = self._refresher.breakers[provider]
+        if breaker.state == "closed":
+            return min(self._policy.lease, max(2 * self._policy.tick, BUSY_RETRY_MIN))
+        return max(self._policy.lease, breaker.retry_after())
 
     async def _keep_lease(self, provider: str, user_id: str, lease: float) -> float:
         """Renew the claim every third of its length while the refresh runs; returns the

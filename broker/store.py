@@ -1,18 +1,21 @@
-"""Grant records and per-grant locks in Redis.
+"""Grant records, their schedule and state indexes, and pending authorizations in Redis.
 
 Keys of one grant share a hash tag, ``{prefix}:{<provider>:<base64url(user id)>}:grant``, so
 multi-key scripts stay within one Redis Cluster slot. base64url without padding is injective and
 contains no ``{`` or ``}``, so two user ids never share a key whatever characters they hold.
 
-Each grant is a hash ``{v: version, blob: encrypted record}``. Writes are compare-and-set on
-``v`` (a fence): a writer whose view is stale, for example a refresh whose lock expired while a
-newer record was written, cannot overwrite that record.
+Each grant is a hash ``{v: version, blob: encrypted record, due, st}``. Writes are
+compare-and-set on ``v`` (a fence): a writer whose view is stale, for example a refresh whose
+lock expired while a newer record was written, cannot overwrite that record. Versions never
+repeat, even across a delete and a new import (see ``base_version``). ``due`` (next refresh
+time) and ``st`` (state) repeat, in clear, what the indexes must say, so the reconciler can
+check them without decrypting; neither is a secret (the status endpoint shows both).
 
 Per provider, a sorted set schedules refreshes by due time (members are the base64url user ids),
 two sets index grants by state, and a sorted set tracks refresh-token expiry. They are updated
-right after each grant write with single-key commands; if that update is lost, the stale
-schedule entry comes due, the claimer re-reads the grant and puts the entry right, so the index
-heals itself and never needs a cross-slot transaction.
+right after each grant write with single-key commands (no cross-slot transaction); if that
+update is lost, a stale schedule entry comes due and the claimer puts it right, and a missing
+one is found by the reconciler (``broker/reconcile.py``).
 
 Pending authorizations (the authorization-code flow) are single keys,
 ``{prefix}:authz:<sha256 of the state>``, holding an encrypted record with a Redis expiry; they
@@ -22,7 +25,7 @@ are taken (read and deleted) by one script call, so a state is consumed exactly 
 from __future__ import annotations
 
 import base64
-import secrets
+import re
 import time
 import zlib
 from collections.abc import Iterator
@@ -56,6 +59,8 @@ from broker.models import Grant
 log = structlog.get_logger(__name__)
 
 REDIS_RETRIES = 2
+INCARNATION_BITS = 32
+_MEMBER = re.compile(r"[A-Za-z0-9_-]+")  # base64url without padding
 REDIS_HEALTH_CHECK_INTERVAL = 15
 
 
@@ -122,7 +127,7 @@ def user_id_of(encoded: bytes | str) -> str:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
 
 
-def _script(name: str) -> str:
+def script(name: str) -> str:
     return resources.files("broker").joinpath("lua", name).read_text(encoding="utf-8")
 
 
@@ -150,12 +155,10 @@ class GrantStore:
         self._metrics = metrics
         self._prefix = prefix
         self._retry_after = retry_after
-        self._fenced_write = redis.register_script(_script("fenced_write.lua"))
-        self._renew = redis.register_script(_script("lock_renew.lua"))
-        self._release = redis.register_script(_script("lock_release.lua"))
-        self._claim = redis.register_script(_script("claim_due.lua"))
-        self._move_lease = redis.register_script(_script("move_lease.lua"))
-        self._take = redis.register_script(_script("take.lua"))
+        self._fenced_write = redis.register_script(script("fenced_write.lua"))
+        self._claim = redis.register_script(script("claim_due.lua"))
+        self._move_lease = redis.register_script(script("move_lease.lua"))
+        self._take = redis.register_script(script("take.lua"))
 
     def _tag(self, provider: str, user_id: str) -> str:
         return f"{self._prefix}:{{{provider}:{member(user_id)}}}"
@@ -164,7 +167,7 @@ class GrantStore:
         base = f"{self._prefix}:schedule:{provider}"
         return base if shard == 0 else f"{base}:{shard}"
 
-    def _schedule_of(self, provider: str, m: str) -> str:
+    def schedule_of(self, provider: str, m: str) -> str:
         """The shard holding member ``m``: with ``schedule_shards`` > 1 one provider's schedule
         spreads over several keys, so over several Redis Cluster slots."""
         return self.schedule_key(provider, zlib.crc32(m.encode()) % self._shards)
@@ -181,11 +184,26 @@ class GrantStore:
     def grant_key(self, provider: str, user_id: str) -> str:
         return self._tag(provider, user_id) + ":grant"
 
+    def grant_key_pattern(self) -> str:
+        """A SCAN pattern matching every grant key of this prefix (and no other key)."""
+        return f"{self._prefix}:{{*}}:grant"
+
+    def parse_grant_key(self, key: bytes | str) -> tuple[str, str] | None:
+        """(provider, member) of a grant key, or None for a key that only looks like one."""
+        text = key.decode() if isinstance(key, bytes) else key
+        head, tail = f"{self._prefix}:{{", "}:grant"
+        if not (text.startswith(head) and text.endswith(tail)):
+            return None
+        provider, _, m = text[len(head) : -len(tail)].rpartition(":")
+        if not provider or not m or not _MEMBER.fullmatch(m):
+            return None
+        return provider, m
+
     def lock_key(self, provider: str, user_id: str) -> str:
         return self._tag(provider, user_id) + ":lock"
 
     @contextmanager
-    def _guard(self, operation: str) -> Iterator[None]:
+    def guard(self, operation: str) -> Iterator[None]:
         """Turn any Redis failure into StoreUnavailable (503 with Retry-After)."""
         try:
             yield
@@ -197,7 +215,7 @@ class GrantStore:
 
     async def read(self, provider: str, user_id: str) -> Grant | None:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
-        with self._guard("read"):
+        with self.guard("read"):
             version, blob = await self.redis.hmget(self.grant_key(provider, user_id), ["v", "blob"])
         if version is None or not isinstance(blob, bytes):
             return None
@@ -211,34 +229,53 @@ class GrantStore:
     async def version(self, provider: str, user_id: str) -> int:
         """The stored version without decrypting (0 when absent): lets an import replace a
         record that can no longer be read."""
-        with self._guard("read"):
+        with self.guard("read"):
             raw = await self.redis.hget(self.grant_key(provider, user_id), "v")
         return int(raw) if raw is not None else 0
 
-    async def write(self, grant: Grant, expected_version: int) -> bool:
-        """Store ``grant`` if the record is still at ``expected_version``; False if not."""
-        blob = self._keyring.encrypt(grant.to_payload(), grant_aad(grant.provider, grant.user_id))
-        with self._guard("write"):
-            written = await self._fenced_write(
-                keys=[self.grant_key(grant.provider, grant.user_id)],
-                args=[str(expected_version), str(grant.version), blob],
-            )
-        if written:
-            await self._replicated(grant)
-            await self._index(grant)
-        return bool(written)
+    async def base_version(self, current: int) -> int:
+        """The version a new record is derived from (it is written as this + 1). A replaced
+        record continues its own sequence; a record created where none exists starts a new
+        incarnation, ``INCR`` * 2**32, so a grant deleted and created again never repeats a
+        version that a stale writer of the deleted one could still hold as its fence."""
+        if current:
+            return current
+        with self.guard("write"):
+            incarnation = int(await self.redis.incr(f"{self._prefix}:incarnations"))
+        return incarnation << INCARNATION_BITS
 
-    async def _replicated(self, grant: Grant) -> None:
-        """With ``min_replicas_to_ack``, wait until replicas hold the write (WAIT), so a
-        failover cannot lose a refresh token the provider has already rotated. A write the
-        replicas do not confirm in time stays written; it is logged and counted."""
-        if self._min_replicas <= 0:
-            return
-        with self._guard("wait"):
-            acked = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-                "WAIT", self._min_replicas, int(self._ack_timeout * 1000)
-            )
-        if int(acked) < self._min_replicas:
+    async def write(self, grant: Grant, expected_version: int) -> bool:
+        """Store ``grant`` if the record is still at ``expected_version``; False if not.
+
+        Idempotent under redis-py's retries: a write whose reply was lost and that is sent
+        again recognises itself (its ciphertext is unique) and counts as written. With
+        ``min_replicas_to_ack``, ``WAIT`` goes in the same pipeline, so on the connection that
+        made the write: ``WAIT`` on another connection would confirm nothing.
+        """
+        blob = self._keyring.encrypt(grant.to_payload(), grant_aad(grant.provider, grant.user_id))
+        keys = [self.grant_key(grant.provider, grant.user_id)]
+        due = "" if grant.next_refresh_at is None else repr(grant.next_refresh_at)
+        args: list[str | bytes] = [
+            str(expected_version),
+            str(grant.version),
+            blob,
+            due,
+            grant.state,
+        ]
+        acked: int | None = None
+        with self.guard("write"):
+            if self._min_replicas <= 0:
+                written = await self._fenced_write(keys=keys, args=args)
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                await self._fenced_write(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", self._min_replicas, int(self._ack_timeout * 1000))
+                written, acked = await pipe.execute()
+        if not written:
+            return False
+        if int(written) == 2:
+            log.info("store.write_recognised", provider=grant.provider, user_id=grant.user_id)
+        if acked is not None and int(acked) < self._min_replicas:
             self._metrics.replication_unconfirmed.inc()
             log.warning(
                 "store.replication_unconfirmed",
@@ -246,15 +283,17 @@ class GrantStore:
                 user_id=grant.user_id,
                 replicas=int(acked),
             )
+        await self._index(grant)
+        return True
 
     async def _index(self, grant: Grant) -> None:
         """Schedule and state indexes after a write; best effort (they heal, see above)."""
         m, p = member(grant.user_id), grant.provider
         pipe = self.redis.pipeline(transaction=False)
         if grant.state != "reauth_required" and grant.next_refresh_at is not None:
-            pipe.zadd(self._schedule_of(p, m), {m: grant.next_refresh_at})
+            pipe.zadd(self.schedule_of(p, m), {m: grant.next_refresh_at})
         else:
-            pipe.zrem(self._schedule_of(p, m), m)
+            pipe.zrem(self.schedule_of(p, m), m)
         for state in ("refresh_failing", "reauth_required"):
             if grant.state == state:
                 pipe.sadd(self.state_key(p, state), m)
@@ -265,17 +304,17 @@ class GrantStore:
         else:
             pipe.zrem(self.rt_expiry_key(p), m)
         try:
-            with self._guard("index"):
+            with self.guard("index"):
                 await pipe.execute()
         except StoreUnavailable:
             log.warning("store.index_failed", provider=p, user_id=grant.user_id)
 
     async def delete(self, provider: str, user_id: str) -> bool:
         m = member(user_id)
-        with self._guard("delete"):
+        with self.guard("delete"):
             pipe = self.redis.pipeline(transaction=False)
             pipe.delete(self.grant_key(provider, user_id))
-            pipe.zrem(self._schedule_of(provider, m), m)
+            pipe.zrem(self.schedule_of(provider, m), m)
             pipe.zrem(self.rt_expiry_key(provider), m)
             for state in ("refresh_failing", "reauth_required"):
                 pipe.srem(self.state_key(provider, state), m)
@@ -293,7 +332,7 @@ class GrantStore:
             if len(claimed) >= limit:
                 break
             shard = (self._next_shard + step) % self._shards
-            with self._guard("claim"):
+            with self.guard("claim"):
                 members = await self._claim(
                     keys=[self.schedule_key(provider, shard)],
                     args=[now, lease_until, limit - len(claimed)],
@@ -301,26 +340,47 @@ class GrantStore:
             claimed += [user_id_of(m) for m in members]
         return claimed
 
-    async def move_lease(self, provider: str, user_id: str, lease: float, to: float) -> bool:
-        """Move a claim from score ``lease`` to ``to`` (renew, or hand back), only if the
-        schedule still holds our lease: a grant write may have rescheduled it already."""
-        with self._guard("claim"):
+    async def move_lease(self, provider: str, user_id: str, lease: float, to: float | None) -> bool:
+        """Move a claim from score ``lease`` to ``to`` (renew it, hand it back) or, with None,
+        take it off the schedule; only if the schedule still holds our lease: a grant write may
+        have rescheduled it already, and that write wins."""
+        with self.guard("claim"):
             moved = await self._move_lease(
-                keys=[self._schedule_of(provider, member(user_id))],
-                args=[member(user_id), repr(lease), repr(to)],
+                keys=[self.schedule_of(provider, member(user_id))],
+                args=[member(user_id), repr(lease), "" if to is None else repr(to)],
             )
         return bool(moved)
 
-    async def unschedule(self, provider: str, user_id: str) -> None:
-        with self._guard("claim"):
-            m = member(user_id)
-            await self.redis.zrem(self._schedule_of(provider, m), m)
+    async def expedite(self, provider: str, now: float, batch: int = 500) -> int:
+        """Make every grant of ``provider`` in ``refresh_failing`` due at ``now`` (its backoff
+        would keep it waiting after the provider came back). Scores already earlier are kept;
+        members not scheduled are not added. Returns how many members were visited."""
+        visited, cursor = 0, 0
+        key = self.state_key(provider, "refresh_failing")
+        while True:
+            with self.guard("claim"):
+                cursor, members = await self.redis.sscan(key, cursor, count=batch)
+                if members:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for raw in members:
+                        m = raw.decode() if isinstance(raw, bytes) else str(raw)
+                        pipe.zadd(self.schedule_of(provider, m), {m: now}, xx=True, lt=True)
+                    await pipe.execute()
+            visited += len(members)
+            if cursor == 0:
+                return visited
+
+    async def failing_sample(self, provider: str) -> str | None:
+        """The user id of one grant in ``refresh_failing`` (random), or None."""
+        with self.guard("claim"):
+            raw = await self.redis.srandmember(self.state_key(provider, "refresh_failing"))
+        return user_id_of(raw) if isinstance(raw, (bytes, str)) else None
 
     async def schedule_stats(
         self, provider: str, now: float, rt_warn_before: float
     ) -> dict[str, float]:
         """Figures for metrics and readiness; cost independent of how many grants exist."""
-        with self._guard("stats"):
+        with self.guard("stats"):
             pipe = self.redis.pipeline(transaction=False)
             for shard in range(self._shards):
                 key = self.schedule_key(provider, shard)
@@ -346,40 +406,20 @@ class GrantStore:
 
     async def save_authorization(self, key: str, blob: bytes, ttl: float) -> bool:
         """Store a pending authorization for ``ttl`` seconds; False if the key exists."""
-        with self._guard("authorization"):
+        with self.guard("authorization"):
             saved = await self.redis.set(key, blob, nx=True, px=max(1, int(ttl * 1000)))
         return bool(saved)
 
     async def take_authorization(self, key: str) -> bytes | None:
         """The pending authorization's record, deleted in the same step: of two concurrent
         takers only one gets it."""
-        with self._guard("authorization"):
+        with self.guard("authorization"):
             blob = await self._take(keys=[key])
         return blob if isinstance(blob, bytes) else None
-
-    async def acquire_lock(self, provider: str, user_id: str, ttl: float) -> str | None:
-        """An owner token if we took the grant's lock, else None. Never blocks."""
-        token = secrets.token_hex(16)
-        with self._guard("lock"):
-            taken = await self.redis.set(
-                self.lock_key(provider, user_id), token, nx=True, px=int(ttl * 1000)
-            )
-        return token if taken else None
-
-    async def renew_lock(self, provider: str, user_id: str, token: str, ttl: float) -> bool:
-        with self._guard("lock"):
-            renewed = await self._renew(
-                keys=[self.lock_key(provider, user_id)], args=[token, int(ttl * 1000)]
-            )
-        return bool(renewed)
-
-    async def release_lock(self, provider: str, user_id: str, token: str) -> None:
-        with self._guard("lock"):
-            await self._release(keys=[self.lock_key(provider, user_id)], args=[token])
 
     async def ping(self) -> float:
         """Round-trip time to Redis in milliseconds."""
         started = time.perf_counter()
-        with self._guard("ping"):
+        with self.guard("ping"):
             await self.redis.ping()
         return (time.perf_counter() - started) * 1000

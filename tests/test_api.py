@@ -189,12 +189,13 @@ async def test_provider_failure_never_destroys_the_grant(
     status, grant = await broker.grant("ivy")
     assert grant["consecutive_failures"] == 1
     assert grant["last_error"]
-    assert grant["state"] == "active"
+    assert grant["state"] == "refresh_failing"  # its access token has expired: nothing to serve
     # the provider heals: the same stored refresh token still works
     status, token = await broker.token("ivy")
     assert status == 200
     assert provider.access_token_expires_at(token["access_token"]) is not None
-    assert (await broker.grant("ivy"))[1]["consecutive_failures"] == 0
+    healed = (await broker.grant("ivy"))[1]
+    assert (healed["state"], healed["consecutive_failures"]) == ("active", 0)
     assert provider.reused_refresh_tokens == 0
 
 

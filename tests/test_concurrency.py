@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from broker.devprovider import DevProvider
+from broker.store import member
 from tests.conftest import Broker, BrokerFactory, Clock, RedisServer, encryption_key
 
 
@@ -88,62 +89,62 @@ async def test_two_replicas_racing_for_one_grant_refresh_once(
     assert provider.reused_refresh_tokens == 0
 
 
-async def test_refresh_whose_lock_expired_still_keeps_the_rotated_token(
-    replicas: tuple[Broker, Broker], provider: DevProvider, redis_server: RedisServer
+async def test_a_rejection_after_another_writer_rotated_returns_the_newer_grant(
+    replicas: tuple[Broker, Broker], provider: DevProvider
 ) -> None:
-    """A replica stalls past its lock; another takes the lock and spends the old refresh token
-    (the provider sees a reuse). The first replica's rotated token must survive."""
-    a, b = replicas
-    await a.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
-    a.clock.advance(3600)
-    provider.reset_counters()
-    provider.hold()
-    first = asyncio.create_task(a.token("u"))
-    await provider.wait_for_token_requests(1)
-    app = a.app
+    """The provider refuses a refresh token because a newer grant was stored meanwhile (here
+    written straight to the store): the newer grant is served, never marked reauth_required."""
     from broker.api import STORE
 
-    lock_key = app[STORE].lock_key("dev", "u")
-    async with aioredis.Redis.from_url(redis_server.url) as redis:
-        assert await redis.delete(lock_key) == 1  # a's lock "expires" mid-call
-    second = asyncio.create_task(b.token("u"))
-    await provider.wait_for_token_requests(2)
+    a, _ = replicas
+    await a.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    a.clock.advance(3600)
+    provider.fail_next("invalid_grant")
+    provider.hold()
+    call = asyncio.create_task(a.token("u"))
+    await provider.wait_for_token_requests(provider.token_requests + 1)
+    store = a.app[STORE]
+    stored = await store.read("dev", "u")
+    assert stored is not None
+    newer = replace(
+        stored,
+        refresh_token=provider.issue_refresh_token("u"),
+        access_token="at-newer",
+        access_expires_at=a.clock() + 3600,
+        access_issued_at=a.clock(),
+        next_refresh_at=a.clock() + 3000,
+        version=stored.version + 1,
+    )
+    assert await store.write(newer, stored.version)
     provider.release()
-    status, token = await first
-    assert status == 200
-    await asyncio.gather(second)
-    assert provider.reused_refresh_tokens == 1
+    status, body = await call
+    assert (status, body["access_token"]) == (200, "at-newer")
     status, grant = await a.grant("u")
     assert grant["state"] == "active"
-    a.clock.advance(3600)
-    status, later = await a.token("u")  # the stored refresh token is the live one
-    assert status == 200
-    assert later["access_token"] != token["access_token"]
-    assert provider.reused_refresh_tokens == 1
+    schedule = store.schedule_of("dev", member("u"))
+    assert await store.redis.zscore(schedule, member("u")) == pytest.approx(a.clock() + 3000, abs=5)
+    assert provider.reused_refresh_tokens == 0
 
 
 async def test_lock_is_renewed_while_its_holder_works(
     make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
 ) -> None:
-    from dataclasses import replace
-
-    from broker.api import REFRESHER, STORE
+    from broker.api import STORE
+    from broker.locks import GrantLocks, LockStore
 
     broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
-    app = broker.app
-    refresher, store = app[REFRESHER], app[STORE]
-    refresher.policy = replace(refresher.policy, lock_ttl=0.3)
-    async with refresher.locked("dev", "u"):
+    locks = GrantLocks(LockStore(broker.app[STORE]), ttl=0.3, wait_timeout=0.1)
+    other = LockStore(broker.app[STORE])
+    async with locks.holding("dev", "u") as held:
         await asyncio.sleep(1.0)  # over three lock lifetimes
-        assert await store.acquire_lock("dev", "u", 1.0) is None
-    assert await store.acquire_lock("dev", "u", 1.0) is not None
+        assert await other.acquire("dev", "u", 1.0) is None
+        assert held.remaining() > 0
+    assert await other.acquire("dev", "u", 1.0) is not None
 
 
 async def test_a_stale_write_cannot_overwrite_a_newer_record(
     make_broker: BrokerFactory, store_url: dict[str, str]
 ) -> None:
-    from dataclasses import replace
-
     from broker.api import STORE
     from broker.models import Grant
 

@@ -24,7 +24,7 @@ port = 8443
 public_url = "https://broker.example/"
 redirect_allowlist = ["https://app.example/"]
 key_prefix = "brk"
-lock_ttl = 20
+lock_ttl = 90
 provider_timeout = 15
 
 [providers.alfresco]
@@ -86,7 +86,7 @@ def test_a_full_config_file_is_read(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, FULL_CONFIG), environ)
     assert settings.redis_url == "redis://:redis-pw-1234@cache.internal:6380/2"
     assert not settings.is_memory_store
-    assert (settings.port, settings.key_prefix, settings.lock_ttl) == (8443, "brk", 20.0)
+    assert (settings.port, settings.key_prefix, settings.lock_ttl) == (8443, "brk", 90.0)
     assert settings.public_url == "https://broker.example"
     assert settings.callback_url("alfresco") == "https://broker.example/oauth/alfresco/callback"
     assert settings.redirect_allowlist == ("https://app.example/",)
@@ -155,6 +155,37 @@ def test_a_bad_setting_is_named_first_in_the_error(raw: dict[str, Any], setting:
     assert str(caught.value).startswith(f"{setting}: ")
 
 
+def test_the_default_lock_outlasts_a_provider_call_and_the_rotated_write_window() -> None:
+    s = build(config())
+    assert s.lock_ttl >= s.provider_timeout + s.rotated_write_window + s.redis_timeout
+    assert s.rotated_write_window >= 40  # Sentinel's default failure detection alone is 30 s
+
+
+@pytest.mark.parametrize(
+    ("changes", "setting", "problem"),
+    [
+        ({"lock_ttl": 30}, "lock_ttl", r"at least provider_timeout \+ rotated_write_window"),
+        ({"provider_timeout": 30}, "lock_ttl", r"\(= 77\)"),
+        ({"rotated_write_window": 120}, "lock_ttl", r"\(= 132\)"),
+        (
+            {"min_replicas_to_ack": 1, "replica_ack_timeout": 2, "redis_url": "redis://r"},
+            "replica_ack_timeout",
+            "shorter than redis_timeout",
+        ),
+        (
+            {"redis_url": "redis+cluster://127.0.0.1:7000", "min_replicas_to_ack": 1},
+            "min_replicas_to_ack",
+            "not supported with redis\\+cluster",
+        ),
+    ],
+)
+def test_settings_that_are_only_safe_together_are_checked(
+    changes: dict[str, Any], setting: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{setting}: .*{problem}"):
+        build(config(**changes))
+
+
 def test_a_bad_environment_value_is_named_by_its_variable() -> None:
     with pytest.raises(ConfigError, match=r"^BROKER_PORT: must be a number"):
         build(config(), {**KEYS_ENV, "BROKER_PORT": "eighty"})
@@ -181,8 +212,8 @@ def test_numbers_must_be_finite_and_whole_where_counted(
 
 
 def test_numbers_in_the_environment_are_parsed() -> None:
-    settings = build(config(), {**KEYS_ENV, "BROKER_PORT": "9091", "BROKER_LOCK_TTL": "12.5"})
-    assert (settings.port, settings.lock_ttl) == (9091, 12.5)
+    settings = build(config(), {**KEYS_ENV, "BROKER_PORT": "9091", "BROKER_LOCK_TTL": "75.5"})
+    assert (settings.port, settings.lock_ttl) == (9091, 75.5)
 
 
 def test_an_empty_encryption_keys_variable_is_an_error_not_a_throwaway_key() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -80,16 +81,95 @@ async def test_rotation_kills_the_old_refresh_token_and_counts_reuse(
     assert await refresh(http, dev, old) == (400, {"error": "invalid_grant"})
     assert dev.reused_refresh_tokens == 1
     assert await refresh(http, dev, "rt_unknown") == (400, {"error": "invalid_grant"})
+    assert dev.reused_refresh_tokens == 1  # an unknown token is no reuse
+    assert (dev.token_requests, dev.refresh_requests) == (3, 3)
+    assert old in dev.secrets()
+    assert dev.settings.client_secret in dev.secrets()
+
+
+async def introspect(http: aiohttp.ClientSession, dev: DevProvider, token: str) -> bool:
+    """Whether the provider says ``token`` is active."""
+    status, body, _ = await post(http, dev, "/introspect", {"token": token})
+    assert status == 200
+    active: bool = body["active"]
+    return active
+
+
+async def test_reusing_a_rotated_out_refresh_token_revokes_its_whole_grant(
+    dev: DevProvider, http: aiohttp.ClientSession
+) -> None:
+    first = dev.issue_refresh_token("ann")
+    _, one = await refresh(http, dev, first)
+    _, two = await refresh(http, dev, one["refresh_token"])
+    live, access_tokens = two["refresh_token"], [one["access_token"], two["access_token"]]
+    assert await introspect(http, dev, live)
+    assert await refresh(http, dev, one["refresh_token"]) == (400, {"error": "invalid_grant"})
     assert dev.reused_refresh_tokens == 1
+    # RFC 9700 4.14.2: the provider cannot tell which presenter is the thief, so neither keeps
+    # the grant: its live refresh token and every access token it bought die with it.
+    assert await refresh(http, dev, live) == (400, {"error": "invalid_grant"})
+    assert not await introspect(http, dev, live)
+    for token in access_tokens:
+        assert not await introspect(http, dev, token)
+        assert dev.access_token_expires_at(token) is None
+    assert dev.reused_refresh_tokens == 1  # the live token of a revoked grant is no reuse
+
+
+async def test_reuse_leaves_other_grants_alone(
+    dev: DevProvider, http: aiohttp.ClientSession
+) -> None:
+    _, victim = await refresh(http, dev, dev.issue_refresh_token("ann"))
+    _, same_user = await refresh(http, dev, dev.issue_refresh_token("ann"))  # a second grant
+    _, other_user = await refresh(http, dev, dev.issue_refresh_token("bob"))
+    _, victim_next = await refresh(http, dev, victim["refresh_token"])
+    assert (await refresh(http, dev, victim["refresh_token"]))[0] == 400
+    assert dev.reused_refresh_tokens == 1
+    assert dev.access_token_expires_at(victim_next["access_token"]) is None
+    for body in (same_user, other_user):
+        assert await introspect(http, dev, body["access_token"])
+        assert dev.access_token_expires_at(body["access_token"]) is not None
+        status, later = await refresh(http, dev, body["refresh_token"])
+        assert status == 200
+        assert await introspect(http, dev, later["access_token"])
+    assert dev.reused_refresh_tokens == 1
+
+
+async def test_a_forgiving_provider_counts_reuse_and_keeps_the_grant(
+    dev: DevProvider, http: aiohttp.ClientSession
+) -> None:
+    dev.settings.revoke_on_reuse = False
+    first = dev.issue_refresh_token("ann")
+    _, body = await refresh(http, dev, first)
+    assert await refresh(http, dev, first) == (400, {"error": "invalid_grant"})
+    assert dev.reused_refresh_tokens == 1
+    assert await introspect(http, dev, body["access_token"])
+    status, later = await refresh(http, dev, body["refresh_token"])
+    assert status == 200
+    assert await introspect(http, dev, later["access_token"])
+    dev.settings.revoke_on_reuse = None  # back to the default: on, since tokens rotate
+    assert dev.settings.reuse_revokes
+    assert (await refresh(http, dev, body["refresh_token"]))[0] == 400
+    assert dev.access_token_expires_at(later["access_token"]) is None
+    assert dev.reused_refresh_tokens == 2
+
+
+async def test_without_rotation_the_same_refresh_token_works_again_and_again(
+    dev: DevProvider, http: aiohttp.ClientSession
+) -> None:
     dev.settings.rotate_refresh_tokens = False
-    kept = body["refresh_token"]
-    for _ in range(2):
+    assert not dev.settings.reuse_revokes
+    kept = dev.issue_refresh_token("ann")
+    access_tokens = []
+    for _ in range(3):
         status, body = await refresh(http, dev, kept)
         assert status == 200
         assert "refresh_token" not in body
-    assert (dev.token_requests, dev.refresh_requests) == (5, 5)
-    assert old in dev.secrets()
-    assert dev.settings.client_secret in dev.secrets()
+        access_tokens.append(body["access_token"])
+    assert dev.reused_refresh_tokens == 0
+    assert await introspect(http, dev, kept)
+    for token in access_tokens:
+        assert await introspect(http, dev, token)
+    assert (dev.token_requests, dev.refresh_requests) == (3, 3)
 
 
 async def test_client_authentication_method_is_enforced(
@@ -286,23 +366,49 @@ async def test_discovery_document(dev: DevProvider, http: aiohttp.ClientSession)
         assert doc["code_challenge_methods_supported"] == ["S256"]
 
 
-async def test_standalone_process_prints_its_url_and_stops_on_sigterm() -> None:
-    env = {**os.environ, "DEV_SECRET": "from-env"}
+@contextlib.asynccontextmanager
+async def standalone(*args: str, env: Mapping[str, str] | None = None) -> AsyncIterator[str]:
+    """``python -m broker.devprovider`` on a free port: its base URL, from the line it prints;
+    on the way out, SIGTERM must stop it cleanly."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker.devprovider", "--port", "0", "--client-secret-env",
-        "DEV_SECRET", "--client-auth", "client_secret_post", "--form-encoded",
+        sys.executable, "-m", "broker.devprovider", "--port", "0", *args,
         stdout=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     assert process.stdout is not None
     try:
         line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
-        base_url = line.split()[-1]
+        yield line.split()[-1]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def test_standalone_process_prints_its_url_and_stops_on_sigterm() -> None:
+    env = {**os.environ, "DEV_SECRET": "from-env"}
+    args = ("--client-secret-env", "DEV_SECRET", "--client-auth", "client_secret_post")
+    async with standalone(*args, "--form-encoded", env=env) as base_url:
         form = {"grant_type": "refresh_token", "refresh_token": "rt_x", "client_id": "broker-dev"}
         async with (
             aiohttp.ClientSession() as http,
             http.post(base_url + "/token", data={**form, "client_secret": "from-env"}) as resp,
         ):
             assert (resp.status, await resp.json()) == (400, {"error": "invalid_grant"})
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+@pytest.mark.parametrize(("args", "revokes"), [((), True), (("--forgive-reuse",), False)])
+async def test_standalone_process_revokes_on_reuse_unless_told_to_forgive(
+    http: aiohttp.ClientSession, args: tuple[str, ...], revokes: bool
+) -> None:
+    async with standalone(*args) as base_url:
+        remote = DevProvider()  # never started: its settings and URL describe the process
+        remote.base_url = base_url
+        status, body = await exchange(http, remote, (await authorize(http, remote))["code"])
+        assert status == 200
+        _, rotated = await refresh(http, remote, body["refresh_token"])
+        assert await refresh(http, remote, body["refresh_token"]) == (
+            400,
+            {"error": "invalid_grant"},
+        )
+        status, _ = await refresh(http, remote, rotated["refresh_token"])
+        assert status == (400 if revokes else 200)
+        assert await introspect(http, remote, rotated["access_token"]) is not revokes

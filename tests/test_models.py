@@ -99,7 +99,7 @@ def test_new_tokens_clear_a_failing_state() -> None:
 
 
 def test_repeated_failures_mark_the_grant_refresh_failing() -> None:
-    current = grant()
+    current = grant(access_expires_at=5000.0)  # still valid throughout
     states = []
     for attempt in range(3):
         current = current.with_failure(
@@ -109,6 +109,19 @@ def test_repeated_failures_mark_the_grant_refresh_failing() -> None:
     assert states == ["active", "active", "refresh_failing"]
     assert (current.consecutive_failures, current.last_error) == (3, "timeout")
     assert (current.next_refresh_at, current.updated_at, current.version) == (2102.0, 2002.0, 6)
+
+
+def test_a_failure_that_leaves_the_access_token_expired_marks_refresh_failing_at_once() -> None:
+    valid = grant(access_expires_at=2000.5).with_failure(
+        "timeout", 2000.0, final=False, failing_after=3, retry_at=2000.5
+    )
+    assert valid.state == "active"
+    expired = valid.with_failure("timeout", 2001.0, final=False, failing_after=3, retry_at=2010.0)
+    assert (expired.state, expired.last_error, expired.consecutive_failures) == (
+        "refresh_failing",
+        "timeout",
+        2,
+    )
 
 
 def test_a_final_failure_requires_reauthorization() -> None:

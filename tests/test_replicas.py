@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
-from broker.auth import hash_key, new_api_key
 from broker.devprovider import DevProvider
-from tests.conftest import SECRETS, RedisServer, encryption_key, free_port, path
+from tests.conftest import RedisServer, path
+from tests.fleet import Fleet, start_fleet, stop_fleet
 
 GRANTS = 300
 TOKEN_TTL = 4
@@ -35,102 +31,19 @@ RUN_SECONDS = 30
 KILL_AT = 12
 
 
-@dataclass
-class Replica:
-    url: str
-    process: asyncio.subprocess.Process
-    log: Path
-    alive: bool = True
-
-
-@dataclass
-class Fleet:
-    replicas: list[Replica]
-    headers: dict[str, str]
-    errors: list[str] = field(default_factory=list)
-
-    def alive(self) -> list[Replica]:
-        return [r for r in self.replicas if r.alive]
-
-
-def replica_config(provider: DevProvider, redis_url: str, api_key: str, port: int) -> str:
-    return f"""
-redis_url = "{redis_url}"
-key_prefix = "fleet"
-host = "127.0.0.1"
-port = {port}
-log_format = "json"
-log_level = "warning"
-scheduler_tick = 0.1
-scheduler_lease = 1.0
-lock_ttl = 1.0
-scheduler_concurrency = 64
-provider_concurrency = 64
-[providers.dev]
-token_url = "{provider.token_url}"
-client_id = "{provider.settings.client_id}"
-client_secret_env = "DEV_SECRET"
-[[clients]]
-name = "poller"
-key_sha256 = "{hash_key(api_key)}"
-providers = ["dev"]
-permissions = ["tokens:read", "grants:write", "grants:read"]
-"""
-
-
-async def start_fleet(
-    provider: DevProvider, redis: RedisServer, tmp_path: Path, size: int
-) -> Fleet:
-    api_key = new_api_key()
-    keys = encryption_key()
-    SECRETS.update({api_key, provider.settings.client_secret})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env.update(BROKER_ENCRYPTION_KEYS=keys, DEV_SECRET=provider.settings.client_secret)
-    replicas = []
-    for i in range(size):
-        port = free_port()
-        config = tmp_path / f"broker-{i}.toml"
-        config.write_text(replica_config(provider, redis.url, api_key, port))
-        log = tmp_path / f"broker-{i}.log"
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "broker",
-                "serve",
-                "--config",
-                str(config),
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        replicas.append(Replica(f"http://127.0.0.1:{port}", process, log))
-    fleet = Fleet(replicas, {"Authorization": f"Bearer {api_key}"})
-    async with aiohttp.ClientSession() as http:
-        for replica in replicas:
-            for _ in range(200):
-                try:
-                    async with http.get(replica.url + "/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"replica {replica.url} did not become ready")
-    return fleet
-
-
-async def stop_fleet(fleet: Fleet) -> None:
-    for replica in fleet.replicas:
-        if replica.process.returncode is None:
-            replica.process.send_signal(signal.SIGTERM)
-    for replica in fleet.replicas:
-        try:
-            await asyncio.wait_for(replica.process.wait(), 20)
-        except TimeoutError:
-            replica.process.kill()
-            await replica.process.wait()
+# Quick turnover, so that a killed replica's leases and locks lapse within the run.
+TUNING = {
+    "scheduler_tick": 0.1,
+    "scheduler_lease": 1.0,
+    # a killed replica's locks lapse after lock_ttl, which must outlast a provider call and the
+    # rotated-write window: short ones here, as for an operator with 4-second tokens
+    "provider_timeout": 0.5,
+    "rotated_write_window": 0.5,
+    "redis_timeout": 0.5,
+    "lock_ttl": 1.5,
+    "scheduler_concurrency": 64,
+    "provider_concurrency": 64,
+}
 
 
 async def poll(fleet: Fleet, provider: DevProvider, until: float, counts: list[int]) -> None:
@@ -164,7 +77,7 @@ async def test_three_replicas_keep_every_grant_fresh_through_a_sigkill(
     provider: DevProvider, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     provider.settings.access_token_ttl = TOKEN_TTL
-    fleet = await start_fleet(provider, own_redis, tmp_path, size=3)
+    fleet = await start_fleet(provider, [own_redis.url] * 3, tmp_path, TUNING)
     try:
         async with aiohttp.ClientSession() as http:
             for i in range(GRANTS):

@@ -21,7 +21,12 @@ FAST = {
     "scheduler_enabled": True,
     "scheduler_tick": 0.05,
     "scheduler_lease": 1.0,
-    "lock_ttl": 1.0,
+    # short locks (a killed replica's grants come back quickly), so short timeouts too: a
+    # refresh holds its lock through the provider call and the write of its result
+    "provider_timeout": 1.0,
+    "rotated_write_window": 1.0,
+    "redis_timeout": 0.5,
+    "lock_ttl": 2.5,
     "retry_base": 0.2,
     "retry_max": 4.0,
 }
@@ -253,7 +258,7 @@ async def test_redis_restart_does_not_stop_the_refresher(
     own_redis.stop()
     own_redis.start()
     provider.settings.access_token_ttl = 2
-    broker = await make_broker(redis_url=own_redis.url, redis_timeout=0.5, **FAST)
+    broker = await make_broker(redis_url=own_redis.url, **FAST)
     await import_grants(broker, provider, 5, expires_in=2)
     own_redis.stop()
     await asyncio.sleep(1.0)  # the scheduler meets a dead Redis for a while

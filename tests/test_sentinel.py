@@ -97,7 +97,7 @@ async def test_failover_loses_no_acknowledged_grant(
     broker = await make_broker(
         redis_url=sentinel_setup.url,
         min_replicas_to_ack=1,
-        replica_ack_timeout=2.0,
+        replica_ack_timeout=0.3,
         redis_timeout=0.5,
     )
     for i in range(USERS):

@@ -1,0 +1,185 @@
+"""Per-grant locks in Redis, and holding one for exactly as long as we know it is ours.
+
+A rotating refresh token may be presented once. Only the holder of the grant's lock presents it,
+and the holder must know until when the lock is certainly still its own, whatever happened in
+between (a frozen process, a lost Redis connection): ``valid_until`` is measured on the
+monotonic clock from *before* the command that set the lock's expiry was sent, so Redis expired
+it no earlier. ``ensure`` lets a caller start work (a provider call and the write of its result)
+only when the lock stays ours for all of it; a renewal task extends it meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+
+from broker.errors import StoreUnavailable, UpstreamUnavailable
+from broker.store import GrantStore, script
+
+log = structlog.get_logger(__name__)
+
+POLL_FIRST = 0.02
+POLL_MAX = 0.25
+RENEW_RETRY = 0.5  # after a failed renewal (Redis unreachable), try again this soon
+
+
+class LockLost(UpstreamUnavailable):
+    """The lock may no longer be ours (or will not stay ours long enough): stop using the
+    grant's refresh token."""
+
+    def __init__(self, detail: str = "the refresh lock of this grant could not be kept") -> None:
+        super().__init__(detail, retry_after=1)
+
+
+class LockStore:
+    """The lock keys themselves: take, renew and release, each one idempotent script."""
+
+    def __init__(self, store: GrantStore, *, min_replicas: int = 0, ack_timeout: float = 1.0):
+        self._store = store
+        self._min_replicas = min_replicas
+        self._ack_timeout = ack_timeout
+        redis = store.redis
+        self._acquire = redis.register_script(script("lock_acquire.lua"))
+        self._renew = redis.register_script(script("lock_renew.lua"))
+        self._release = redis.register_script(script("lock_release.lua"))
+
+    async def acquire(self, provider: str, user_id: str, ttl: float) -> str | None:
+        """An owner token if we took the lock, else None; never blocks. With
+        ``min_replicas_to_ack`` the lock is replicated before we rely on it (``WAIT`` on the
+        same connection), so a failover right after cannot hand it to another replica."""
+        token = secrets.token_hex(16)
+        keys = [self._store.lock_key(provider, user_id)]
+        args: list[str | int] = [token, int(ttl * 1000)]
+        with self._store.guard("lock"):
+            if self._min_replicas <= 0:
+                taken = await self._acquire(keys=keys, args=args)
+            else:
+                pipe = self._store.redis.pipeline(transaction=False)
+                await self._acquire(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", self._min_replicas, int(self._ack_timeout * 1000))
+                taken, _ = await pipe.execute()
+        return token if taken else None
+
+    async def renew(self, provider: str, user_id: str, token: str, ttl: float) -> bool:
+        with self._store.guard("lock"):
+            renewed = await self._renew(
+                keys=[self._store.lock_key(provider, user_id)], args=[token, int(ttl * 1000)]
+            )
+        return bool(renewed)
+
+    async def release(self, provider: str, user_id: str, token: str) -> None:
+        with self._store.guard("lock"):
+            await self._release(keys=[self._store.lock_key(provider, user_id)], args=[token])
+
+
+@dataclass
+class HeldLock:
+    provider: str
+    user_id: str
+    token: str
+    valid_until: float  # monotonic; the lock is certainly ours until then
+    lost: bool = False
+
+    def remaining(self) -> float:
+        return 0.0 if self.lost else self.valid_until - time.monotonic()
+
+
+class GrantLocks:
+    """Taking, keeping and releasing grant locks for the services."""
+
+    def __init__(self, store: LockStore, ttl: float, wait_timeout: float) -> None:
+        self._store = store
+        self.ttl = ttl
+        self.wait_timeout = wait_timeout
+
+    async def acquire(
+        self,
+        provider: str,
+        user_id: str,
+        *,
+        wait: float | None = None,
+        until: Callable[[], Awaitable[bool]] | None = None,
+    ) -> HeldLock | None:
+        """Take the lock, waiting up to ``wait`` (default ``lock_wait_timeout``) for its holder;
+        None as soon as ``until()`` says the wait is no longer needed (checked between polls:
+        the holder may have stored what we wanted). LockLost-like UpstreamUnavailable when the
+        wait runs out."""
+        deadline = time.monotonic() + (self.wait_timeout if wait is None else wait)
+        poll = POLL_FIRST
+        while True:
+            sent = time.monotonic()
+            token = await self._store.acquire(provider, user_id, self.ttl)
+            if token is not None:
+                return HeldLock(provider, user_id, token, sent + self.ttl)
+            if until is not None and await until():
+                return None
+            if time.monotonic() + poll > deadline:
+                raise UpstreamUnavailable(
+                    "a refresh of this grant is in progress elsewhere; try again", retry_after=1
+                )
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, POLL_MAX)
+
+    async def renew(self, held: HeldLock) -> bool:
+        """Extend the lock now; False (and ``held.lost``) if it is no longer ours."""
+        if held.lost:
+            return False
+        sent = time.monotonic()
+        if await self._store.renew(held.provider, held.user_id, held.token, self.ttl):
+            held.valid_until = sent + self.ttl
+            return True
+        held.lost = True
+        log.warning("lock.lost", provider=held.provider, user_id=held.user_id)
+        return False
+
+    async def ensure(self, held: HeldLock, needed: float) -> None:
+        """Return only if the lock stays ours for ``needed`` more seconds (renewing it first
+        if it would not); LockLost otherwise."""
+        if held.remaining() >= needed:
+            return
+        try:
+            renewed = await self.renew(held)
+        except StoreUnavailable as err:
+            raise LockLost() from err
+        if not renewed or held.remaining() < needed:
+            raise LockLost()
+
+    async def keep_renewed(self, held: HeldLock) -> None:
+        """Renew every quarter of the lock's lifetime until cancelled or lost."""
+        delay = self.ttl / 4
+        while not held.lost:
+            await asyncio.sleep(delay)
+            try:
+                if not await self.renew(held):
+                    return
+                delay = self.ttl / 4
+            except StoreUnavailable:
+                log.warning("lock.renew_failed", provider=held.provider, user_id=held.user_id)
+                delay = min(RENEW_RETRY, self.ttl / 4)
+
+    async def release(self, held: HeldLock) -> None:
+        if held.lost:
+            return
+        try:
+            await self._store.release(held.provider, held.user_id, held.token)
+        except StoreUnavailable:
+            log.warning("lock.release_failed", provider=held.provider, user_id=held.user_id)
+
+    @asynccontextmanager
+    async def holding(self, provider: str, user_id: str) -> AsyncIterator[HeldLock]:
+        """Hold the lock (renewed) while the body runs: imports, deletes, code exchanges."""
+        held = await self.acquire(provider, user_id)
+        assert held is not None  # no ``until``: acquire returns a lock or raises
+        renewer = asyncio.create_task(self.keep_renewed(held))
+        try:
+            yield held
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            await self.release(held)

@@ -1,0 +1,151 @@
+"""Finding grants the indexes lost: every grant on the schedule, every state set right.
+
+The indexes are updated after each grant write with single-key commands (no cross-slot
+transaction), so a Redis error or a crash between the two can leave a grant off the schedule:
+nothing would refresh it until a caller asks. The reconciler walks the grant keys with SCAN, a
+bounded batch per step, compares each grant's ``due`` and ``st`` fields (written with the record,
+in clear) with the schedule and the state sets, and repairs what differs. A step costs the same
+whatever the number of grants; a full pass takes ``grants / reconcile_batch`` steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from redis.asyncio.cluster import RedisCluster
+
+from broker.errors import GrantUnreadable
+from broker.metrics import Metrics
+from broker.store import GrantStore, user_id_of
+
+log = structlog.get_logger(__name__)
+
+STATE_SETS = ("refresh_failing", "reauth_required")
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    provider: str
+    member: str
+    key: bytes
+    version: bytes
+    due: str
+    state: str
+
+
+class IndexReconciler:
+    def __init__(self, store: GrantStore, metrics: Metrics, batch: int) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._batch = batch
+        self._cursors: dict[str, int] = {}  # per cluster node ("" for one server)
+        self._node = 0
+        self._pattern = store.grant_key_pattern()
+
+    async def step(self) -> int:
+        """Check one batch of grants and repair their index entries; returns the repairs."""
+        with self._store.guard("reconcile"):
+            keys = await self._scan()
+            seen = await self._fields(keys)
+            return await self._repair(seen)
+
+    async def _scan(self) -> list[bytes]:
+        redis: Any = self._store.redis
+        if isinstance(redis, RedisCluster):
+            cluster: Any = redis
+            nodes = cluster.get_primaries()
+            if not nodes:
+                return []
+            self._node = (self._node + 1) % len(nodes)
+            node = nodes[self._node]
+            cursors, keys = await cluster.scan(
+                cursor=self._cursors.get(node.name, 0),
+                match=self._pattern,
+                count=self._batch,
+                target_nodes=node,
+            )
+            self._cursors[node.name] = cursors[node.name]
+            return list(keys)
+        cursor, keys = await redis.scan(
+            self._cursors.get("", 0), match=self._pattern, count=self._batch
+        )
+        self._cursors[""] = cursor
+        return list(keys)
+
+    async def _fields(self, keys: list[bytes]) -> list[_Seen]:
+        parsed = [(key, self._store.parse_grant_key(key)) for key in keys]
+        parsed = [(key, ids) for key, ids in parsed if ids is not None]
+        if not parsed:
+            return []
+        pipe = self._store.redis.pipeline(transaction=False)
+        for key, _ in parsed:
+            pipe.hmget(key, ["v", "due", "st"])
+        rows = await pipe.execute()
+        seen = []
+        for (key, ids), (version, due, state) in zip(parsed, rows, strict=True):
+            assert ids is not None
+            provider, member = ids
+            if version is None:
+                continue  # deleted since the scan
+            if state is None:  # written before records carried their index fields
+                legacy = await self._legacy(provider, member)
+                if legacy is None:
+                    continue
+                due, state = legacy
+            seen.append(_Seen(provider, member, key, version, _text(due or b""), _text(state)))
+        return seen
+
+    async def _legacy(self, provider: str, member: str) -> tuple[bytes, bytes] | None:
+        try:
+            grant = await self._store.read(provider, user_id_of(member))
+        except GrantUnreadable:
+            return None
+        if grant is None:
+            return None
+        due = b"" if grant.next_refresh_at is None else repr(grant.next_refresh_at).encode()
+        return due, grant.state.encode()
+
+    async def _repair(self, seen: list[_Seen]) -> int:
+        if not seen:
+            return 0
+        store = self._store
+        pipe = store.redis.pipeline(transaction=False)
+        for s in seen:
+            pipe.zscore(store.schedule_of(s.provider, s.member), s.member)
+            for state in STATE_SETS:
+                pipe.sismember(store.state_key(s.provider, state), s.member)
+            pipe.hget(s.key, "v")
+        answers = await pipe.execute()
+        fixes = store.redis.pipeline(transaction=False)
+        repairs = 0
+        for i, s in enumerate(seen):
+            score, *members, version = answers[i * 4 : i * 4 + 4]
+            if version != s.version:
+                continue  # written meanwhile: that write updated the indexes itself
+            if s.state != "reauth_required" and s.due and score is None:
+                fixes.zadd(store.schedule_of(s.provider, s.member), {s.member: s.due}, nx=True)
+                repairs += self._count(s, "schedule")
+            for state, is_member in zip(STATE_SETS, members, strict=True):
+                if bool(is_member) != (s.state == state):
+                    key = store.state_key(s.provider, state)
+                    (fixes.sadd if s.state == state else fixes.srem)(key, s.member)
+                    repairs += self._count(s, state)
+        if repairs:
+            await fixes.execute()
+        return repairs
+
+    def _count(self, s: _Seen, index: str) -> int:
+        self._metrics.index_repairs.labels(s.provider, index).inc()
+        log.warning(
+            "reconcile.repaired",
+            provider=s.provider,
+            user_id=user_id_of(s.member),
+            index=index,
+        )
+        return 1
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,312 @@
+"""The refresh-safety rules, each against a real redis-server and the strict dev provider:
+fences that never repeat, idempotent writes under lost replies, rotated tokens kept through a
+Redis stall, waiting callers that never starve, min_ttl as the contract says, status that tells
+the truth while a provider is down, prompt recovery, and a reconciler for lost index updates."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+import redis as syncredis
+
+from broker.api import REFRESHER, STORE
+from broker.devprovider import DevProvider
+from broker.locks import LockStore
+from broker.store import member
+from tests.conftest import Broker, BrokerFactory, RedisServer, encryption_key
+from tests.faults import TcpProxy
+from tests.test_scheduler import FAST, eventually, import_grants, metric
+
+
+async def test_a_grant_deleted_and_imported_again_never_repeats_a_version(
+    broker: Broker, provider: DevProvider
+) -> None:
+    """A writer that read the first incarnation of a grant holds its version as a fence; the
+    grant imported again after a delete must not accept that writer's write."""
+    store = broker.app[STORE]
+    await broker.import_grant("u", refresh_token="rt-1", access_token="at-1", expires_in=600)
+    first = await store.read("dev", "u")
+    assert first is not None
+    stale = replace(first, access_token="at-stale", version=first.version + 1)
+    assert (await broker.call("DELETE", "/v1/grants/dev/u"))[0] == 204
+    await broker.import_grant("u", refresh_token="rt-2", access_token="at-2", expires_in=600)
+    assert not await store.write(stale, first.version)
+    assert (await broker.token("u"))[1]["access_token"] == "at-2"
+
+
+@pytest.mark.parametrize("script", ["grant write", "lock"])
+async def test_a_write_whose_reply_was_lost_recognises_itself(
+    make_broker: BrokerFactory,
+    provider: DevProvider,
+    redis_server: RedisServer,
+    key_prefix: str,
+    script: str,
+) -> None:
+    """redis-py sends a command again when its reply is lost: the second run must see that the
+    first one already did the work (no false conflict, no 503, no lock held by nobody)."""
+    async with await TcpProxy.start("127.0.0.1", redis_server.port) as proxy:
+        broker = await make_broker(redis_url=proxy.url_for_redis(), key_prefix=key_prefix)
+        store = broker.app[STORE]
+        sha = store._fenced_write.sha if script == "grant write" else LockStore(store)._acquire.sha
+        proxy.drop_reply_once(sha.encode())
+        status, grant = await broker.import_grant(
+            "u", refresh_token=provider.issue_refresh_token("u")
+        )
+        assert proxy.dropped_replies == 1
+        assert status == 201, grant
+        assert await store.redis.zscore(store.schedule_key("dev"), member("u")) is not None
+        # and the refresh path: a rotated token stored once, no conflict counted
+        broker.clock.advance(3600)
+        proxy.drop_reply_once(sha.encode())
+        assert (await broker.token("u"))[0] == 200
+        assert proxy.dropped_replies == 2
+        assert metric(broker, "broker_refresh_write_conflicts_total", provider="dev") == 0
+        broker.clock.advance(3600)  # the stored refresh token is the live one
+        assert (await broker.token("u"))[0] == 200
+        assert provider.reused_refresh_tokens == 0
+
+
+async def test_a_redis_stall_mid_refresh_keeps_the_rotated_token_and_answers_at_once(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """Writes stall (CLIENT PAUSE WRITE) right after the provider rotated the refresh token: the
+    caller gets the new access token without waiting for Redis, and the write lands later."""
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix, redis_timeout=0.3)
+    await broker.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    broker.clock.advance(3600)
+    provider.hold()
+    call = asyncio.create_task(broker.token("u"))
+    await provider.wait_for_token_requests(provider.token_requests + 1)
+    admin = syncredis.Redis.from_url(redis_server.url)
+    pause = 4.0
+    admin.execute_command("CLIENT", "PAUSE", int(pause * 1000), "WRITE")  # type: ignore[no-untyped-call]
+    paused_at = time.monotonic()
+    try:
+        provider.release()
+        status, token = await call
+        answered_after = time.monotonic() - paused_at
+        assert status == 200
+        assert answered_after < pause - 1, answered_after  # not held until Redis came back
+        assert provider.access_token_expires_at(token["access_token"]) is not None
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+
+    async def stored() -> bool:
+        return bool((await broker.grant("u"))[1]["refresh_count"] == 2)
+
+    await eventually(stored, "the rotated tokens to be written", within=10)
+    assert metric(broker, "broker_rotated_writes_lost_total", provider="dev") == 0
+    broker.clock.advance(3600)
+    assert (await broker.token("u"))[0] == 200
+    assert provider.reused_refresh_tokens == 0
+
+
+async def test_a_waiting_caller_returns_as_soon_as_a_fresh_token_is_stored(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """The lock stays busy (other replicas keep refreshing), but a fresh token was stored: the
+    caller must get it then, not when it finally wins the lock."""
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
+    await broker.import_grant("u", refresh_token="rt", access_token="at-old", expires_in=10)
+    store = broker.app[STORE]
+    other = await LockStore(store).acquire("dev", "u", 30)  # another replica's refresh
+    assert other is not None
+    call = asyncio.create_task(broker.token("u", min_ttl=60))
+    await asyncio.sleep(0.5)
+    assert not call.done()  # waiting for the holder
+    current = await store.read("dev", "u")
+    assert current is not None
+    fresh = replace(
+        current,
+        access_token="at-fresh",
+        access_expires_at=broker.clock() + 3600,
+        version=current.version + 1,
+    )
+    assert await store.write(fresh, current.version)
+    written_at = time.monotonic()
+    status, token = await call
+    assert (status, token["access_token"]) == (200, "at-fresh")
+    assert time.monotonic() - written_at < 1.0
+    assert await store.redis.get(store.lock_key("dev", "u")) == other.encode()  # still busy
+
+
+async def test_min_ttl_is_met_whenever_the_providers_lifetime_allows_it(
+    broker: Broker, provider: DevProvider
+) -> None:
+    provider.settings.access_token_ttl = 600
+    await broker.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    assert provider.refresh_requests == 1
+    broker.clock.advance(250)  # 350 s left
+    status, token = await broker.token("u", min_ttl=400)
+    assert status == 200
+    assert token["expires_in"] >= 400  # refreshed: 400 <= 600, the provider allows it
+    assert provider.refresh_requests == 2
+    broker.clock.advance(250)  # 350 s left; 900 > 600 is capped at half the lifetime
+    status, token = await broker.token("u", min_ttl=900)
+    assert (status, provider.refresh_requests) == (200, 2)
+    assert token["expires_in"] >= 300
+    broker.clock.advance(100)  # 250 s left: below half the lifetime
+    status, token = await broker.token("u", min_ttl=900)
+    assert (status, provider.refresh_requests) == (200, 3)
+    assert token["expires_in"] >= 599
+    assert provider.reused_refresh_tokens == 0
+
+
+async def test_a_caller_joining_a_refresh_for_a_smaller_min_ttl_gets_its_own(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    provider.settings.access_token_ttl = 600
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
+    await broker.import_grant(
+        "u", refresh_token=provider.issue_refresh_token("u"), access_token="at-0", expires_in=20
+    )
+    store = broker.app[STORE]
+    held = await LockStore(store).acquire("dev", "u", 30)
+    assert held is not None
+    small = asyncio.create_task(broker.token("u", min_ttl=30))  # starts the shared refresh
+    await asyncio.sleep(0.2)
+    large = asyncio.create_task(broker.token("u", min_ttl=500))  # joins it
+    await asyncio.sleep(0.2)
+    current = await store.read("dev", "u")
+    assert current is not None
+    somewhat = replace(
+        current,
+        access_token="at-100",
+        access_expires_at=broker.clock() + 100,
+        version=current.version + 1,
+    )
+    assert await store.write(somewhat, current.version)  # enough for 30, not for 500
+    assert (await small)[1]["access_token"] == "at-100"
+    await LockStore(store).release("dev", "u", held)
+    status, token = await large
+    assert status == 200
+    assert token["expires_in"] >= 500
+    assert provider.reused_refresh_tokens == 0
+
+
+OUTAGE = {
+    **FAST,
+    "circuit_failures": 3,
+    "circuit_open_for": 1.0,
+    "retry_base": 5.0,  # long backoffs: recovery must not wait for them
+    "retry_max": 60.0,
+}
+
+
+async def test_a_provider_outage_shows_refresh_failing_and_recovery_is_prompt(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    grants = 12
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix, **OUTAGE)
+    provider.settings.access_token_ttl = 3
+    await import_grants(broker, provider, grants, expires_in=3)
+    provider.fail_always("server_error")
+    outage_started = time.monotonic()
+
+    async def all_failing() -> bool:
+        statuses = [(await broker.grant(f"user-{i}"))[1] for i in range(grants)]
+        return all(s["state"] == "refresh_failing" and s["last_error"] for s in statuses)
+
+    # tokens expire 3 s after import; each grant shows it a few seconds later at most
+    await eventually(all_failing, "every expired grant to show refresh_failing", within=10)
+    assert time.monotonic() - outage_started < 3 + 4
+    assert broker.app[REFRESHER].breakers["dev"].state != "closed"
+
+    async def metric_agrees() -> bool:
+        return metric(broker, "broker_grants", provider="dev", state="refresh_failing") == grants
+
+    await eventually(metric_agrees, "broker_grants{state=refresh_failing} to agree", within=7)
+    status, body = await broker.token("user-0", min_ttl=0)
+    assert (status, body["code"]) == (503, "upstream_unavailable")
+
+    before, quiet_from = provider.token_requests, time.monotonic()
+    await asyncio.sleep(3.0)
+    during = provider.token_requests - before
+    assert during <= (time.monotonic() - quiet_from) / 1.0 + 2, during  # about one probe a second
+
+    provider.heal()
+    healed_at = time.monotonic()
+
+    async def all_active() -> bool:
+        statuses = [(await broker.grant(f"user-{i}"))[1] for i in range(grants)]
+        return {s["state"] for s in statuses} == {"active"}
+
+    await eventually(all_active, "every grant to recover", within=10)
+    recovery = time.monotonic() - healed_at
+    assert recovery < 4.0, recovery  # a probe within a second, then all at once
+    for i in range(grants):
+        status, token = await broker.token(f"user-{i}", min_ttl=0)
+        assert status == 200
+        assert provider.access_token_expires_at(token["access_token"]) is not None
+    assert provider.reused_refresh_tokens == 0
+
+
+async def test_a_grant_lost_from_the_indexes_is_found_and_scheduled_again(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    provider.settings.access_token_ttl = 2
+    broker = await make_broker(
+        redis_url=redis_server.url, key_prefix=key_prefix, reconcile_interval=0.05, **FAST
+    )
+    await import_grants(broker, provider, 5, expires_in=30)
+    store = broker.app[STORE]
+    lost = member("user-3")
+    # what a lost index update leaves behind: off the schedule, in a wrong state set
+    await store.redis.zrem(store.schedule_key("dev"), lost)
+    await store.redis.sadd(store.state_key("dev", "reauth_required"), lost)
+
+    async def repaired() -> bool:
+        scheduled = await store.redis.zscore(store.schedule_key("dev"), lost)
+        wrong = await store.redis.sismember(store.state_key("dev", "reauth_required"), lost)
+        return scheduled is not None and not wrong
+
+    await eventually(repaired, "the reconciler to put the grant back", within=5)
+    labels = {"provider": "dev"}
+    assert metric(broker, "broker_index_repairs_total", index="schedule", **labels) == 1
+    assert metric(broker, "broker_index_repairs_total", index="reauth_required", **labels) == 1
+    broker.clock.advance(30)  # due: the scheduler refreshes it like the others
+
+    async def refreshed() -> bool:
+        return bool((await broker.grant("user-3"))[1]["refresh_count"] >= 1)
+
+    await eventually(refreshed, "the repaired grant to be refreshed", within=5)
+    assert provider.reused_refresh_tokens == 0
+
+
+async def test_a_rotated_write_goes_on_through_an_outage_at_shutdown(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """Shutdown begins while the write of a rotated token is stalled: the drain waits for it
+    (within its budget) instead of closing Redis under it."""
+    keys = encryption_key()
+    broker = await make_broker(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        encryption_keys=keys,
+        redis_timeout=0.3,
+        shutdown_timeout=6,
+    )
+    await broker.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    broker.clock.advance(3600)
+    provider.hold()
+    call = asyncio.create_task(broker.token("u"))
+    await provider.wait_for_token_requests(provider.token_requests + 1)
+    admin = syncredis.Redis.from_url(redis_server.url)
+    admin.execute_command("CLIENT", "PAUSE", 2500, "WRITE")  # type: ignore[no-untyped-call]
+    provider.release()
+    assert (await call)[0] == 200
+    await broker.client.close()  # SIGTERM's path: shutdown, then cleanup (the drain)
+    successor = await make_broker(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        encryption_keys=keys,
+        clock=broker.clock,
+    )
+    _, grant = await successor.grant("u")
+    assert grant["refresh_count"] == 2  # the rotated tokens reached Redis before the exit
+    successor.clock.advance(3600)
+    assert (await successor.token("u"))[0] == 200
+    assert provider.reused_refresh_tokens == 0
