@@ -30,7 +30,8 @@ from broker.locks import GrantLocks, LockStore
 from broker.metrics import Metrics
 from broker.middlewares import make_middlewares
 from broker.oauth import OAuthClient, discover_all
-from broker.refresh import Refresher, RefreshPolicy
+from broker.policy import RefreshPolicy
+from broker.refresh import Refresher
 from broker.scheduler import Scheduler, SchedulerPolicy
 from broker.store import GrantStore, connect
 

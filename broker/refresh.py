@@ -16,8 +16,6 @@ revoke the whole grant when a used one comes back, so a refresh token is present
 from __future__ import annotations
 
 import asyncio
-import math
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -26,7 +24,7 @@ from typing import Literal
 import structlog
 
 from broker.circuit import CircuitBreaker
-from broker.config import ProviderSettings, Settings
+from broker.config import ProviderSettings
 from broker.errors import (
     GrantNotFound,
     ProviderNotFound,
@@ -36,66 +34,18 @@ from broker.errors import (
     StoreUnavailable,
     UpstreamUnavailable,
 )
+from broker.failures import Failures
 from broker.issued import IssuedWriter
 from broker.locks import GrantLocks, HeldLock, LockLost
 from broker.metrics import Metrics
 from broker.models import Grant, TokenSet, refresh_due_at
 from broker.oauth import OAuthClient
+from broker.policy import RefreshPolicy, fresh_enough
 from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
 
 Trigger = Literal["on_demand", "scheduled", "probe", "import"]
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshPolicy:
-    lead: float
-    jitter_max: float
-    failures_before_failing: int
-    provider_timeout: float = 10.0
-    rotated_write_window: float = 45.0
-    retry_base: float = 1.0
-    retry_max: float = 300.0
-    circuit_failures: int = 5
-    circuit_open_for: float = 5.0
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> RefreshPolicy:
-        return cls(
-            lead=s.refresh_lead,
-            jitter_max=s.refresh_jitter_max,
-            failures_before_failing=s.failures_before_failing,
-            provider_timeout=s.provider_timeout,
-            rotated_write_window=s.rotated_write_window,
-            retry_base=s.retry_base,
-            retry_max=s.retry_max,
-            circuit_failures=s.circuit_failures,
-            circuit_open_for=s.circuit_open_for,
-        )
-
-    @property
-    def call_budget(self) -> float:
-        """How long the lock must stay ours when a provider call starts: the call, then the
-        write of what it returned."""
-        return self.provider_timeout + self.rotated_write_window
-
-    def retry_delay(self, failures: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter, never sooner than the provider's Retry-After
-        and never sooner than half the base delay (no tight loops)."""
-        ceiling = min(self.retry_max, self.retry_base * 2 ** max(0, failures - 1))
-        delay = random.uniform(self.retry_base / 2, max(self.retry_base / 2, ceiling))  # noqa: S311
-        return max(delay, retry_after or 0.0)
-
-
-def fresh_enough(grant: Grant, min_ttl: float, now: float) -> bool:
-    """Whether the held token lasts ``min_ttl`` more seconds. A ``min_ttl`` the provider's
-    lifetime cannot meet is capped at half that lifetime: the freshest token the broker can
-    hold without refreshing more than once per half lifetime."""
-    remaining = grant.valid_for(now)
-    lifetime = grant.lifetime()
-    needed = min_ttl if lifetime is None or min_ttl < lifetime else lifetime / 2
-    return remaining > 0 and remaining >= needed
 
 
 @dataclass(slots=True)
@@ -128,6 +78,7 @@ class Refresher:
         self.policy = policy
         self.clock = clock
         self.issued = IssuedWriter(store, metrics, policy.rotated_write_window)
+        self._failures = Failures(store, metrics, policy, clock)
         self._inflight: dict[tuple[str, str], _Flight] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.breakers = {
@@ -244,9 +195,16 @@ class Refresher:
                 return grant.state == "active" and due is not None and due > now
             return fresh_enough(grant, min_ttl, now)
 
+        first_seen: list[int] = []
+
         async def no_longer_needed() -> bool:
+            """The holder stored what we need, or tried and failed (its failure is our answer:
+            no point in waiting to fail again)."""
             grant = await self._store.read(provider, user_id)
-            return grant is None or grant.state == "reauth_required" or satisfied(grant)
+            if grant is None or grant.state == "reauth_required" or satisfied(grant):
+                return True
+            first_seen.append(grant.version)
+            return grant.state == "refresh_failing" and grant.version != first_seen[0]
 
         # The scheduler never waits for a busy lock: its holder is refreshing already.
         background = trigger in ("scheduled", "probe")
@@ -285,18 +243,18 @@ class Refresher:
         # replica presenting this refresh token meanwhile would be a reuse.
         await self.locks.ensure(held, self.policy.call_budget)
         if not breaker.allow():
-            return await self._circuit_open(grant, breaker, trigger)
+            return await self._failures.circuit_open(grant, breaker, trigger)
         started, requested_at = time.perf_counter(), self.clock()
         try:
             tokens = await self._oauth.refresh(settings, grant.refresh_token)
         except ProviderRejected as err:
             breaker.record_success()
             self._count(grant, "rejected", trigger, started)
-            return await self._rejected(grant, err, trigger)
+            return await self._failures.rejected(grant, err, trigger)
         except ProviderUnavailable as err:
             breaker.record_failure(err.reason)
             self._count(grant, "transient", trigger, started)
-            return await self._transient(grant, err, trigger)
+            return await self._failures.transient(grant, err, trigger)
         except BaseException:
             breaker.release_probe()
             raise
@@ -333,66 +291,6 @@ class Refresher:
             )
         return new  # its access token is valid whatever happened to the write
 
-    async def _rejected(self, grant: Grant, err: ProviderRejected, trigger: Trigger) -> Grant:
-        """The provider refused the refresh token. If a newer record was stored meanwhile
-        (another replica rotated it), that one is the truth: it is returned, not marked."""
-        written = await self._record_failure(grant, err.reason, final=True)
-        if written is False:
-            current = await self._store.read(grant.provider, grant.user_id)
-            if current is not None and current.state != "reauth_required":
-                log.warning(
-                    "refresh.rejected_stale_token", provider=grant.provider, user_id=grant.user_id
-                )
-                return current
-        log.warning(
-            "grant.reauth_required",
-            provider=grant.provider,
-            user_id=grant.user_id,
-            reason=err.reason,
-            trigger=trigger,
-        )
-        raise ReauthRequired(f"the provider rejected the refresh token ({err.reason})") from err
-
-    async def _transient(self, grant: Grant, err: ProviderUnavailable, trigger: Trigger) -> Grant:
-        failed = self._failed(grant, err.reason, retry_after=err.retry_after)
-        written = await self._write_failure(failed, grant.version)
-        log.warning(
-            "refresh.failed",
-            provider=grant.provider,
-            user_id=grant.user_id,
-            reason=err.reason,
-            failures=failed.consecutive_failures,
-            trigger=trigger,
-        )
-        if written is False:
-            current = await self._store.read(grant.provider, grant.user_id)
-            if current is not None and current.state != "reauth_required":
-                failed = current  # a newer record: its token may be fresh
-        if failed.valid_for(self.clock()) > 0:
-            return failed
-        raise UpstreamUnavailable(
-            f"the provider could not refresh the token ({err.reason})",
-            retry_after=math.ceil(err.retry_after or 1),
-        ) from err
-
-    async def _circuit_open(self, grant: Grant, breaker: CircuitBreaker, trigger: Trigger) -> Grant:
-        """No call while the provider's circuit is open. A grant whose token has expired is
-        marked ``refresh_failing`` at once, so status and metrics tell the truth; it is tried
-        again at the next probe (``expedite`` then makes it due at once)."""
-        now = self.clock()
-        self._metrics.refreshes.labels(grant.provider, "circuit_open", trigger).inc()
-        if grant.valid_for(now) > 0:
-            return grant
-        if grant.state != "refresh_failing":
-            reason = breaker.last_reason or "circuit_open"
-            failed = self._failed(grant, reason, retry_after=breaker.retry_after())
-            if await self._write_failure(failed, grant.version):
-                grant = failed
-        raise UpstreamUnavailable(
-            "the provider is failing; calls to it are paused",
-            retry_after=math.ceil(breaker.retry_after()),
-        )
-
     async def _expedite(self, provider: str) -> None:
         """The provider answers again: grants left failing by the outage are due now, not
         after their own backoff (the scheduler's concurrency bounds the burst)."""
@@ -402,47 +300,6 @@ class Refresher:
             log.warning("refresh.expedite_failed", provider=provider)
             return
         log.info("refresh.provider_recovered", provider=provider, expedited=count)
-
-    def _failed(self, grant: Grant, reason: str, *, retry_after: float | None) -> Grant:
-        """The grant after a transient failure, retried after a backoff, but no later than its
-        access token's expiry while it has one: the attempt then tells whether it still works
-        (and the state turns ``refresh_failing`` if not)."""
-        now = self.clock()
-        retry_at = now + self.policy.retry_delay(grant.consecutive_failures + 1, retry_after)
-        expires = grant.access_expires_at
-        if expires is not None and now < expires < retry_at:
-            retry_at = max(expires, now + (retry_after or 0.0))
-        return grant.with_failure(
-            reason,
-            now,
-            final=False,
-            failing_after=self.policy.failures_before_failing,
-            retry_at=retry_at,
-        )
-
-    async def _record_failure(self, grant: Grant, reason: str, *, final: bool) -> bool | None:
-        failed = grant.with_failure(
-            reason,
-            self.clock(),
-            final=final,
-            failing_after=self.policy.failures_before_failing,
-            retry_at=None,
-        )
-        return await self._write_failure(failed, grant.version)
-
-    async def _write_failure(self, failed: Grant, expected_version: int) -> bool | None:
-        """Mark a failure on the stored grant; False if a newer record is there, None if Redis
-        is unreachable (best effort: the caller's answer does not depend on it)."""
-        try:
-            return await self._store.write(failed, expected_version)
-        except StoreUnavailable:
-            log.warning(
-                "refresh.failure_not_recorded",
-                provider=failed.provider,
-                user_id=failed.user_id,
-                reason=failed.last_error,
-            )
-            return None
 
     def _count(self, grant: Grant, outcome: str, trigger: Trigger, started: float) -> None:
         self._metrics.refreshes.labels(grant.provider, outcome, trigger).inc()

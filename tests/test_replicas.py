@@ -26,7 +26,7 @@ from tests.conftest import RedisServer, path
 from tests.fleet import Fleet, start_fleet, stop_fleet
 
 GRANTS = 300
-TOKEN_TTL = 4
+TOKEN_TTL = 8  # refreshed 4 s before expiry: more than a dead replica's lock_ttl
 RUN_SECONDS = 30
 KILL_AT = 12
 
@@ -37,10 +37,10 @@ TUNING = {
     "scheduler_lease": 1.0,
     # a killed replica's locks lapse after lock_ttl, which must outlast a provider call and the
     # rotated-write window: short ones here, as for an operator with 4-second tokens
-    "provider_timeout": 0.5,
-    "rotated_write_window": 0.5,
-    "redis_timeout": 0.5,
-    "lock_ttl": 1.5,
+    "provider_timeout": 1.0,
+    "rotated_write_window": 1.0,
+    "redis_timeout": 1.0,
+    "lock_ttl": 3.0,
     "scheduler_concurrency": 64,
     "provider_concurrency": 64,
 }

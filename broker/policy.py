@@ -1,0 +1,59 @@
+"""The refresh timing and retry rules, kept apart from the machinery that applies them."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from broker.config import Settings
+from broker.models import Grant
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshPolicy:
+    lead: float
+    jitter_max: float
+    failures_before_failing: int
+    provider_timeout: float = 10.0
+    rotated_write_window: float = 45.0
+    retry_base: float = 1.0
+    retry_max: float = 300.0
+    circuit_failures: int = 5
+    circuit_open_for: float = 5.0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> RefreshPolicy:
+        return cls(
+            lead=s.refresh_lead,
+            jitter_max=s.refresh_jitter_max,
+            failures_before_failing=s.failures_before_failing,
+            provider_timeout=s.provider_timeout,
+            rotated_write_window=s.rotated_write_window,
+            retry_base=s.retry_base,
+            retry_max=s.retry_max,
+            circuit_failures=s.circuit_failures,
+            circuit_open_for=s.circuit_open_for,
+        )
+
+    @property
+    def call_budget(self) -> float:
+        """How long the lock must stay ours when a provider call starts: the call, then the
+        write of what it returned."""
+        return self.provider_timeout + self.rotated_write_window
+
+    def retry_delay(self, failures: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter, never sooner than the provider's Retry-After
+        and never sooner than half the base delay (no tight loops)."""
+        ceiling = min(self.retry_max, self.retry_base * 2 ** max(0, failures - 1))
+        delay = random.uniform(self.retry_base / 2, max(self.retry_base / 2, ceiling))  # noqa: S311
+        return max(delay, retry_after or 0.0)
+
+
+def fresh_enough(grant: Grant, min_ttl: float, now: float) -> bool:
+    """Whether the held token lasts ``min_ttl`` more seconds. A ``min_ttl`` the provider's
+    lifetime cannot meet is capped at half that lifetime: the freshest token the broker can
+    hold without refreshing more than once per half lifetime."""
+    remaining = grant.valid_for(now)
+    lifetime = grant.lifetime()
+    needed = min_ttl if lifetime is None or min_ttl < lifetime else lifetime / 2
+    return remaining > 0 and remaining >= needed
