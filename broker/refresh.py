@@ -134,6 +134,10 @@ class Refresher:
         flight = self._flight(provider, user_id, 0.0, "probe" if probe else "scheduled")
         return await asyncio.shield(flight.result)
 
+    def in_flight(self, provider: str, user_id: str) -> bool:
+        """Whether this process is refreshing that grant now."""
+        return (provider, user_id) in self._inflight
+
     def _flight(self, provider: str, user_id: str, min_ttl: float, trigger: Trigger) -> _Flight:
         """The refresh of this grant in flight in this process, or a new one."""
         key = (provider, user_id)

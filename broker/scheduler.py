@@ -100,6 +100,7 @@ class Scheduler:
         self._reconciler = IndexReconciler(store, metrics, policy.reconcile_batch)
         self.lag = 0.0
         self.last_tick = 0.0
+        self.ticks = 0  # completed ticks: lets a test wait for the scheduler to have looked
 
     @property
     def running(self) -> bool:
@@ -150,6 +151,7 @@ class Scheduler:
                 log.exception("scheduler.tick_failed")
                 await asyncio.sleep(STORE_ERROR_PAUSE)
             self.last_tick = time.monotonic()
+            self.ticks += 1
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._policy.tick)

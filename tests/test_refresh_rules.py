@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
 import redis as syncredis
 
-from broker.api import REFRESHER, STORE
+from broker.api import METRICS, REFRESHER, STORE
 from broker.devprovider import DevProvider
 from broker.locks import LockStore
-from broker.store import member
+from broker.store import GrantStore, member
 from tests.conftest import Broker, BrokerFactory, RedisServer, encryption_key
 from tests.faults import TcpProxy
 from tests.test_scheduler import FAST, eventually, import_grants, metric
@@ -114,8 +115,9 @@ async def test_a_waiting_caller_returns_as_soon_as_a_fresh_token_is_stored(
     store = broker.app[STORE]
     other = await LockStore(store).acquire("dev", "u", 30)  # another replica's refresh
     assert other is not None
+    reads = await reads_of(store)
     call = asyncio.create_task(broker.token("u", min_ttl=60))
-    await asyncio.sleep(0.5)
+    await until_reads(store, reads + 3)  # it is polling: lock busy, grant re-read
     assert not call.done()  # waiting for the holder
     current = await store.read("dev", "u")
     assert current is not None
@@ -166,10 +168,11 @@ async def test_a_caller_joining_a_refresh_for_a_smaller_min_ttl_gets_its_own(
     store = broker.app[STORE]
     held = await LockStore(store).acquire("dev", "u", 30)
     assert held is not None
+    refresher = broker.app[REFRESHER]
     small = asyncio.create_task(broker.token("u", min_ttl=30))  # starts the shared refresh
-    await asyncio.sleep(0.2)
+    await until_true(lambda: refresher.in_flight("dev", "u"), "the shared refresh to start")
     large = asyncio.create_task(broker.token("u", min_ttl=500))  # joins it
-    await asyncio.sleep(0.2)
+    await until_true(lambda: in_flight_requests(broker) == 2, "both callers to wait")
     current = await store.read("dev", "u")
     assert current is not None
     somewhat = replace(
@@ -185,6 +188,31 @@ async def test_a_caller_joining_a_refresh_for_a_smaller_min_ttl_gets_its_own(
     assert status == 200
     assert token["expires_in"] >= 500
     assert provider.reused_refresh_tokens == 0
+
+
+async def reads_of(store: GrantStore) -> int:
+    """Commands Redis has run for grant reads (HMGET), from its own statistics."""
+    stats = await store.redis.info("commandstats")
+    return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
+
+
+async def until_reads(store: GrantStore, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while await reads_of(store) < n:
+        assert time.monotonic() < deadline, "the waiting caller never re-read the grant"
+        await asyncio.sleep(0.01)
+
+
+async def until_true(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 5
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def in_flight_requests(broker: Broker) -> float:
+    value = broker.app[METRICS].registry.get_sample_value("broker_http_requests_in_flight")
+    return value or 0.0
 
 
 OUTAGE = {

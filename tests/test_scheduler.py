@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker.api import METRICS, REFRESHER, STORE
+from broker.api import METRICS, REFRESHER, SCHEDULER, STORE
 from broker.devprovider import DevProvider
 from tests.conftest import (
     Broker,
@@ -214,8 +214,14 @@ async def test_rejected_grants_leave_the_schedule(
     assert await store.redis.zcard(store.schedule_key("dev")) == 0
     requests = provider.token_requests
     broker.clock.advance(3600)
-    await asyncio.sleep(0.5)  # ten ticks: nothing may be claimed
-    assert provider.token_requests == requests
+    scheduler = broker.app[SCHEDULER]
+    looked = scheduler.ticks + 10
+
+    async def ten_ticks() -> bool:
+        return scheduler.ticks >= looked
+
+    await eventually(ten_ticks, "ten more scheduler ticks", within=5)
+    assert provider.token_requests == requests  # none of them claimed the dead grant
 
 
 async def test_a_stale_schedule_entry_for_a_dead_grant_is_dropped(
@@ -261,7 +267,12 @@ async def test_redis_restart_does_not_stop_the_refresher(
     broker = await make_broker(redis_url=own_redis.url, **FAST)
     await import_grants(broker, provider, 5, expires_in=2)
     own_redis.stop()
-    await asyncio.sleep(1.0)  # the scheduler meets a dead Redis for a while
+    errors = metric(broker, "broker_redis_errors_total", operation="claim")
+
+    async def met_the_outage() -> bool:  # the scheduler did try a dead Redis, more than once
+        return metric(broker, "broker_redis_errors_total", operation="claim") >= errors + 2
+
+    await eventually(met_the_outage, "the scheduler to meet the dead Redis", within=10)
     own_redis.start()
     counts_then = [(await broker.grant(f"user-{i}"))[1]["refresh_count"] for i in range(5)]
 
