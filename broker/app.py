@@ -30,10 +30,12 @@ from broker.locks import GrantLocks, LockStore
 from broker.metrics import Metrics
 from broker.middlewares import make_middlewares
 from broker.oauth import OAuthClient, discover_all
+from broker.pending import PendingAuthorizations
 from broker.policy import RefreshPolicy
 from broker.refresh import Refresher
+from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
-from broker.store import GrantStore, connect
+from broker.store import GrantStore, Guard, Keys, connect
 
 log = structlog.get_logger("broker")
 
@@ -56,6 +58,7 @@ class DrainBudget:
 
 
 DRAIN = web.AppKey("drain", DrainBudget)
+PENDING = web.AppKey("pending", PendingAuthorizations)
 
 
 def create_app(settings: Settings, *, clock: Clock = time.time) -> web.Application:
@@ -85,16 +88,19 @@ def create_app(settings: Settings, *, clock: Clock = time.time) -> web.Applicati
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[api.SETTINGS]
     redis = connect(settings)
+    keys = Keys(settings.key_prefix, settings.schedule_shards)
+    guard = Guard(app[api.METRICS], settings.store_retry_after)
+    schedule = ScheduleIndex(redis, keys, guard, app[api.METRICS], settings.schedule_shards)
     app[api.STORE] = GrantStore(
         redis,
         app[api.KEYRING],
-        app[api.METRICS],
-        prefix=settings.key_prefix,
-        retry_after=settings.store_retry_after,
+        keys,
+        guard,
+        schedule,
         min_replicas=settings.min_replicas_to_ack,
         ack_timeout=settings.replica_ack_timeout,
-        schedule_shards=settings.schedule_shards,
     )
+    app[PENDING] = PendingAuthorizations(redis, keys, guard)
     if settings.is_memory_store:
         log.warning(
             "store.not_durable",
@@ -153,6 +159,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     app[api.AUTHORIZATIONS] = AuthorizationService(
         app[api.STORE],
+        app[PENDING],
         app[api.KEYRING],
         oauth,
         refresher,

@@ -45,6 +45,7 @@ from broker.errors import (
 from broker.metrics import Metrics
 from broker.models import MAX_SCOPE_CHARS, Grant, TokenSet, validate_user_id
 from broker.oauth import ERROR_CODE, OAuthClient
+from broker.pending import PendingAuthorizations
 from broker.redirects import check_redirect, with_params
 from broker.refresh import Refresher
 from broker.store import GrantStore
@@ -120,6 +121,7 @@ class AuthorizationService:
     def __init__(
         self,
         store: GrantStore,
+        pending: PendingAuthorizations,
         keyring: KeyRing,
         oauth: OAuthClient,
         refresher: Refresher,
@@ -128,6 +130,7 @@ class AuthorizationService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._pending = pending
         self._keyring = keyring
         self._oauth = oauth
         self._refresher = refresher
@@ -163,9 +166,9 @@ class AuthorizationService:
             created_at=now,
             expires_at=now + ttl,
         )
-        key = self._store.authorization_key(state_digest(state))
+        key = self._store.keys.authorization_key(state_digest(state))
         blob = self._keyring.encrypt(pending.to_payload(), authorization_aad(key))
-        if not await self._store.save_authorization(key, blob, ttl):
+        if not await self._pending.save(key, blob, ttl):
             raise BrokerError("a fresh random state collided with a pending one")
         self._metrics.authorizations.labels(provider, "started").inc()
         log.info(
@@ -220,8 +223,8 @@ class AuthorizationService:
         if not state or len(state) > MAX_STATE_CHARS:
             self._invalid(provider, "missing")
             raise InvalidState("the callback carries no usable state")
-        key = self._store.authorization_key(state_digest(state))
-        blob = await self._store.take_authorization(key)
+        key = self._store.keys.authorization_key(state_digest(state))
+        blob = await self._pending.take(key)
         if blob is None:
             self._invalid(provider, "unknown")
             raise InvalidState("the authorization is unknown, expired or already used")

@@ -54,7 +54,7 @@ class LockStore:
         ``min_replicas_to_ack`` the lock is replicated before we rely on it (``WAIT`` on the
         same connection), so a failover right after cannot hand it to another replica."""
         token = secrets.token_hex(16)
-        keys = [self._store.lock_key(provider, user_id)]
+        keys = [self._store.keys.lock_key(provider, user_id)]
         args: list[str | int] = [token, int(ttl * 1000)]
         with self._store.guard("lock"):
             if self._min_replicas <= 0:
@@ -69,13 +69,13 @@ class LockStore:
     async def renew(self, provider: str, user_id: str, token: str, ttl: float) -> bool:
         with self._store.guard("lock"):
             renewed = await self._renew(
-                keys=[self._store.lock_key(provider, user_id)], args=[token, int(ttl * 1000)]
+                keys=[self._store.keys.lock_key(provider, user_id)], args=[token, int(ttl * 1000)]
             )
         return bool(renewed)
 
     async def release(self, provider: str, user_id: str, token: str) -> None:
         with self._store.guard("lock"):
-            await self._release(keys=[self._store.lock_key(provider, user_id)], args=[token])
+            await self._release(keys=[self._store.keys.lock_key(provider, user_id)], args=[token])
 
 
 @dataclass

@@ -42,7 +42,7 @@ class IndexReconciler:
         self._batch = batch
         self._cursors: dict[str, int] = {}  # per cluster node ("" for one server)
         self._node = 0
-        self._pattern = store.grant_key_pattern()
+        self._pattern = store.keys.grant_key_pattern()
 
     async def step(self) -> int:
         """Check one batch of grants and repair their index entries; returns the repairs."""
@@ -75,7 +75,7 @@ class IndexReconciler:
         return list(keys)
 
     async def _fields(self, keys: list[bytes]) -> list[_Seen]:
-        parsed = [(key, self._store.parse_grant_key(key)) for key in keys]
+        parsed = [(key, self._store.keys.parse_grant_key(key)) for key in keys]
         parsed = [(key, ids) for key, ids in parsed if ids is not None]
         if not parsed:
             return []
@@ -113,9 +113,9 @@ class IndexReconciler:
         store = self._store
         pipe = store.redis.pipeline(transaction=False)
         for s in seen:
-            pipe.zscore(store.schedule_of(s.provider, s.member), s.member)
+            pipe.zscore(store.keys.schedule_of(s.provider, s.member), s.member)
             for state in STATE_SETS:
-                pipe.sismember(store.state_key(s.provider, state), s.member)
+                pipe.sismember(store.keys.state_key(s.provider, state), s.member)
             pipe.hget(s.key, "v")
         answers = await pipe.execute()
         fixes = store.redis.pipeline(transaction=False)
@@ -125,11 +125,11 @@ class IndexReconciler:
             if version != s.version:
                 continue  # written meanwhile: that write updated the indexes itself
             if s.state != "reauth_required" and s.due and score is None:
-                fixes.zadd(store.schedule_of(s.provider, s.member), {s.member: s.due}, nx=True)
+                fixes.zadd(store.keys.schedule_of(s.provider, s.member), {s.member: s.due}, nx=True)
                 repairs += self._count(s, "schedule")
             for state, is_member in zip(STATE_SETS, members, strict=True):
                 if bool(is_member) != (s.state == state):
-                    key = store.state_key(s.provider, state)
+                    key = store.keys.state_key(s.provider, state)
                     (fixes.sadd if s.state == state else fixes.srem)(key, s.member)
                     repairs += self._count(s, state)
         if repairs:

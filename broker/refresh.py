@@ -299,7 +299,7 @@ class Refresher:
         """The provider answers again: grants left failing by the outage are due now, not
         after their own backoff (the scheduler's concurrency bounds the burst)."""
         try:
-            count = await self._store.expedite(provider, self.clock())
+            count = await self._store.schedule.expedite(provider, self.clock())
         except StoreUnavailable:
             log.warning("refresh.expedite_failed", provider=provider)
             return

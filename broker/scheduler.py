@@ -86,6 +86,7 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._schedule = store.schedule
         self._refresher = refresher
         self._providers = providers
         self._metrics = metrics
@@ -169,14 +170,14 @@ class Scheduler:
                     continue
                 # The probe: a grant left failing by the outage (none may be due for a while
                 # after their backoff), else the next due one.
-                probe = await self._store.failing_sample(provider)
+                probe = await self._schedule.failing_sample(provider)
                 if probe is not None:
                     self._start(provider, self._probe(provider, probe))
                     continue
                 free = 1
             now = self._clock()
             lease = now + self._policy.lease
-            for user_id in await self._store.claim_due(provider, now, lease, free):
+            for user_id in await self._schedule.claim_due(provider, now, lease, free):
                 self._start(provider, self._refresh(provider, user_id, lease))
 
     def _start(self, provider: str, work: Coroutine[Any, Any, None]) -> None:
@@ -214,11 +215,11 @@ class Scheduler:
                 to = grant.next_refresh_at
                 if to <= now:  # overdue and still not refreshed: not again at once
                     to = now + self._retry_after(provider)
-                await self._store.move_lease(provider, user_id, held, to)
+                await self._schedule.move_lease(provider, user_id, held, to)
         except (ReauthRequired, GrantNotFound):
             # The write (or delete) normally took it off the schedule; if that update was
             # lost, this stale entry would come due every lease: drop it (if still ours).
-            await self._store.move_lease(
+            await self._schedule.move_lease(
                 provider, user_id, await renewer_score(renewer, lease), None
             )
         except GrantUnreadable:
@@ -226,7 +227,9 @@ class Scheduler:
                 "security.grant_unreadable", provider=provider, user_id=user_id, trigger="scheduled"
             )
             held = await renewer_score(renewer, lease)
-            await self._store.move_lease(provider, user_id, held, self._clock() + UNREADABLE_RETRY)
+            await self._schedule.move_lease(
+                provider, user_id, held, self._clock() + UNREADABLE_RETRY
+            )
         except Unavailable as err:
             # Transient: the failure and its retry time were recorded on the grant (that write
             # rescheduled it); if not, try again after the provider's or the store's delay.
@@ -235,7 +238,7 @@ class Scheduler:
             )
             retry = self._clock() + max(err.retry_after, self._retry_after(provider))
             with contextlib.suppress(StoreUnavailable):
-                await self._store.move_lease(
+                await self._schedule.move_lease(
                     provider, user_id, await renewer_score(renewer, lease), retry
                 )
         except BrokerError as err:
@@ -247,7 +250,7 @@ class Scheduler:
             # now (the refresh itself, if it reached the provider, still finishes and writes).
             held = await renewer_score(renewer, lease)
             with contextlib.suppress(StoreUnavailable):
-                await self._store.move_lease(provider, user_id, held, self._clock())
+                await self._schedule.move_lease(provider, user_id, held, self._clock())
             raise
         except Exception:
             log.exception("scheduler.refresh_crashed", provider=provider, user_id=user_id)
@@ -273,7 +276,7 @@ class Scheduler:
                 await asyncio.sleep(self._policy.lease / 3)
                 renewed = self._clock() + self._policy.lease
                 try:
-                    if not await self._store.move_lease(provider, user_id, lease, renewed):
+                    if not await self._schedule.move_lease(provider, user_id, lease, renewed):
                         return lease  # rescheduled by a write: nothing left to hold
                 except StoreUnavailable:
                     continue
@@ -285,7 +288,7 @@ class Scheduler:
         now = self._clock()
         lag = 0.0
         for provider in self._providers:
-            stats = await self._store.schedule_stats(provider, now, self._policy.rt_warn_before)
+            stats = await self._schedule.schedule_stats(provider, now, self._policy.rt_warn_before)
             lag = max(lag, stats["lag"])
             m = self._metrics
             m.schedule_lag.labels(provider).set(stats["lag"])

@@ -1,4 +1,4 @@
-"""Grant records, their schedule and state indexes, and pending authorizations in Redis.
+"""The Redis connection, key names, and encrypted grant records with fenced writes.
 
 Keys of one grant share a hash tag, ``{prefix}:{<provider>:<base64url(user id)>}:grant``, so
 multi-key scripts stay within one Redis Cluster slot. base64url without padding is injective and
@@ -11,15 +11,8 @@ repeat, even across a delete and a new import (see ``base_version``). ``due`` (n
 time) and ``st`` (state) repeat, in clear, what the indexes must say, so the reconciler can
 check them without decrypting; neither is a secret (the status endpoint shows both).
 
-Per provider, a sorted set schedules refreshes by due time (members are the base64url user ids),
-two sets index grants by state, and a sorted set tracks refresh-token expiry. They are updated
-right after each grant write with single-key commands (no cross-slot transaction); if that
-update is lost, a stale schedule entry comes due and the claimer puts it right, and a missing
-one is found by the reconciler (``broker/reconcile.py``).
-
-Pending authorizations (the authorization-code flow) are single keys,
-``{prefix}:authz:<sha256 of the state>``, holding an encrypted record with a Redis expiry; they
-are taken (read and deleted) by one script call, so a state is consumed exactly once.
+The indexes a write updates live in ``broker/schedule.py``, locks in ``broker/locks.py``,
+pending authorizations in ``broker/pending.py``; all share one client, ``Keys`` and ``Guard``.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -55,6 +48,9 @@ from broker.crypto import KeyRing, grant_aad
 from broker.errors import GrantUnreadable, StoreUnavailable
 from broker.metrics import Metrics
 from broker.models import Grant
+
+if TYPE_CHECKING:
+    from broker.schedule import ScheduleIndex
 
 log = structlog.get_logger(__name__)
 
@@ -131,34 +127,12 @@ def script(name: str) -> str:
     return resources.files("broker").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-class GrantStore:
-    """Encrypted grant records, fenced writes and per-grant locks."""
+class Keys:
+    """The names of broker's Redis keys, in one place."""
 
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        keyring: KeyRing,
-        metrics: Metrics,
-        *,
-        prefix: str = "broker",
-        retry_after: int = 2,
-        min_replicas: int = 0,
-        ack_timeout: float = 1.0,
-        schedule_shards: int = 1,
-    ) -> None:
-        self._shards = schedule_shards
-        self._next_shard = 0
-        self._min_replicas = min_replicas
-        self._ack_timeout = ack_timeout
-        self.redis = redis
-        self._keyring = keyring
-        self._metrics = metrics
+    def __init__(self, prefix: str = "broker", schedule_shards: int = 1) -> None:
         self._prefix = prefix
-        self._retry_after = retry_after
-        self._fenced_write = redis.register_script(script("fenced_write.lua"))
-        self._claim = redis.register_script(script("claim_due.lua"))
-        self._move_lease = redis.register_script(script("move_lease.lua"))
-        self._take = redis.register_script(script("take.lua"))
+        self._shards = schedule_shards
 
     def _tag(self, provider: str, user_id: str) -> str:
         return f"{self._prefix}:{{{provider}:{member(user_id)}}}"
@@ -177,6 +151,9 @@ class GrantStore:
 
     def authorization_key(self, state_hash: str) -> str:
         return f"{self._prefix}:authz:{state_hash}"
+
+    def incarnations_key(self) -> str:
+        return f"{self._prefix}:incarnations"
 
     def rt_expiry_key(self, provider: str) -> str:
         return f"{self._prefix}:rt-expiry:{provider}"
@@ -202,9 +179,16 @@ class GrantStore:
     def lock_key(self, provider: str, user_id: str) -> str:
         return self._tag(provider, user_id) + ":lock"
 
+
+class Guard:
+    """Turns any Redis failure into StoreUnavailable (503 with Retry-After), counted."""
+
+    def __init__(self, metrics: Metrics, retry_after: int = 2) -> None:
+        self._metrics = metrics
+        self._retry_after = retry_after
+
     @contextmanager
-    def guard(self, operation: str) -> Iterator[None]:
-        """Turn any Redis failure into StoreUnavailable (503 with Retry-After)."""
+    def __call__(self, operation: str) -> Iterator[None]:
         try:
             yield
         except (RedisError, RedisClusterException) as err:
@@ -213,10 +197,37 @@ class GrantStore:
                 f"Redis {operation} failed: {type(err).__name__}", retry_after=self._retry_after
             ) from err
 
+
+class GrantStore:
+    """Encrypted grant records and their fenced writes; each write updates the indexes."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keyring: KeyRing,
+        keys: Keys,
+        guard: Guard,
+        schedule: ScheduleIndex,
+        *,
+        min_replicas: int = 0,
+        ack_timeout: float = 1.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.guard = guard
+        self.schedule = schedule
+        self._keyring = keyring
+        self._metrics = schedule.metrics
+        self._min_replicas = min_replicas
+        self._ack_timeout = ack_timeout
+        self._fenced_write = redis.register_script(script("fenced_write.lua"))
+
     async def read(self, provider: str, user_id: str) -> Grant | None:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
         with self.guard("read"):
-            version, blob = await self.redis.hmget(self.grant_key(provider, user_id), ["v", "blob"])
+            version, blob = await self.redis.hmget(
+                self.keys.grant_key(provider, user_id), ["v", "blob"]
+            )
         if version is None or not isinstance(blob, bytes):
             return None
         try:
@@ -230,7 +241,7 @@ class GrantStore:
         """The stored version without decrypting (0 when absent): lets an import replace a
         record that can no longer be read."""
         with self.guard("read"):
-            raw = await self.redis.hget(self.grant_key(provider, user_id), "v")
+            raw = await self.redis.hget(self.keys.grant_key(provider, user_id), "v")
         return int(raw) if raw is not None else 0
 
     async def base_version(self, current: int) -> int:
@@ -241,7 +252,7 @@ class GrantStore:
         if current:
             return current
         with self.guard("write"):
-            incarnation = int(await self.redis.incr(f"{self._prefix}:incarnations"))
+            incarnation = int(await self.redis.incr(self.keys.incarnations_key()))
         return incarnation << INCARNATION_BITS
 
     async def write(self, grant: Grant, expected_version: int) -> bool:
@@ -253,7 +264,7 @@ class GrantStore:
         made the write: ``WAIT`` on another connection would confirm nothing.
         """
         blob = self._keyring.encrypt(grant.to_payload(), grant_aad(grant.provider, grant.user_id))
-        keys = [self.grant_key(grant.provider, grant.user_id)]
+        keys = [self.keys.grant_key(grant.provider, grant.user_id)]
         due = "" if grant.next_refresh_at is None else repr(grant.next_refresh_at)
         args: list[str | bytes] = [
             str(expected_version),
@@ -283,139 +294,16 @@ class GrantStore:
                 user_id=grant.user_id,
                 replicas=int(acked),
             )
-        await self._index(grant)
+        await self.schedule.index(grant)
         return True
 
-    async def _index(self, grant: Grant) -> None:
-        """Schedule and state indexes after a write; best effort (they heal, see above)."""
-        m, p = member(grant.user_id), grant.provider
-        pipe = self.redis.pipeline(transaction=False)
-        if grant.state != "reauth_required" and grant.next_refresh_at is not None:
-            pipe.zadd(self.schedule_of(p, m), {m: grant.next_refresh_at})
-        else:
-            pipe.zrem(self.schedule_of(p, m), m)
-        for state in ("refresh_failing", "reauth_required"):
-            if grant.state == state:
-                pipe.sadd(self.state_key(p, state), m)
-            else:
-                pipe.srem(self.state_key(p, state), m)
-        if grant.refresh_token_expires_at is not None and grant.state != "reauth_required":
-            pipe.zadd(self.rt_expiry_key(p), {m: grant.refresh_token_expires_at})
-        else:
-            pipe.zrem(self.rt_expiry_key(p), m)
-        try:
-            with self.guard("index"):
-                await pipe.execute()
-        except StoreUnavailable:
-            log.warning("store.index_failed", provider=p, user_id=grant.user_id)
-
     async def delete(self, provider: str, user_id: str) -> bool:
-        m = member(user_id)
         with self.guard("delete"):
             pipe = self.redis.pipeline(transaction=False)
-            pipe.delete(self.grant_key(provider, user_id))
-            pipe.zrem(self.schedule_of(provider, m), m)
-            pipe.zrem(self.rt_expiry_key(provider), m)
-            for state in ("refresh_failing", "reauth_required"):
-                pipe.srem(self.state_key(provider, state), m)
+            pipe.delete(self.keys.grant_key(provider, user_id))
+            self.schedule.unindex(pipe, provider, member(user_id))
             removed: list[Any] = await pipe.execute()
         return bool(removed[0])
-
-    async def claim_due(
-        self, provider: str, now: float, lease_until: float, limit: int
-    ) -> list[str]:
-        """User ids of up to ``limit`` due grants, leased to us until ``lease_until``. Shards
-        are visited from a rotating start so none is starved."""
-        claimed: list[str] = []
-        self._next_shard = (self._next_shard + 1) % self._shards
-        for step in range(self._shards):
-            if len(claimed) >= limit:
-                break
-            shard = (self._next_shard + step) % self._shards
-            with self.guard("claim"):
-                members = await self._claim(
-                    keys=[self.schedule_key(provider, shard)],
-                    args=[now, lease_until, limit - len(claimed)],
-                )
-            claimed += [user_id_of(m) for m in members]
-        return claimed
-
-    async def move_lease(self, provider: str, user_id: str, lease: float, to: float | None) -> bool:
-        """Move a claim from score ``lease`` to ``to`` (renew it, hand it back) or, with None,
-        take it off the schedule; only if the schedule still holds our lease: a grant write may
-        have rescheduled it already, and that write wins."""
-        with self.guard("claim"):
-            moved = await self._move_lease(
-                keys=[self.schedule_of(provider, member(user_id))],
-                args=[member(user_id), repr(lease), "" if to is None else repr(to)],
-            )
-        return bool(moved)
-
-    async def expedite(self, provider: str, now: float, batch: int = 500) -> int:
-        """Make every grant of ``provider`` in ``refresh_failing`` due at ``now`` (its backoff
-        would keep it waiting after the provider came back). Scores already earlier are kept;
-        members not scheduled are not added. Returns how many members were visited."""
-        visited, cursor = 0, 0
-        key = self.state_key(provider, "refresh_failing")
-        while True:
-            with self.guard("claim"):
-                cursor, members = await self.redis.sscan(key, cursor, count=batch)
-                if members:
-                    pipe = self.redis.pipeline(transaction=False)
-                    for raw in members:
-                        m = raw.decode() if isinstance(raw, bytes) else str(raw)
-                        pipe.zadd(self.schedule_of(provider, m), {m: now}, xx=True, lt=True)
-                    await pipe.execute()
-            visited += len(members)
-            if cursor == 0:
-                return visited
-
-    async def failing_sample(self, provider: str) -> str | None:
-        """The user id of one grant in ``refresh_failing`` (random), or None."""
-        with self.guard("claim"):
-            raw = await self.redis.srandmember(self.state_key(provider, "refresh_failing"))
-        return user_id_of(raw) if isinstance(raw, (bytes, str)) else None
-
-    async def schedule_stats(
-        self, provider: str, now: float, rt_warn_before: float
-    ) -> dict[str, float]:
-        """Figures for metrics and readiness; cost independent of how many grants exist."""
-        with self.guard("stats"):
-            pipe = self.redis.pipeline(transaction=False)
-            for shard in range(self._shards):
-                key = self.schedule_key(provider, shard)
-                pipe.zrange(key, 0, 0, withscores=True)
-                pipe.zcount(key, now, now + 60)
-                pipe.zcard(key)
-            pipe.scard(self.state_key(provider, "refresh_failing"))
-            pipe.scard(self.state_key(provider, "reauth_required"))
-            pipe.zcount(self.rt_expiry_key(provider), "-inf", now + rt_warn_before)
-            *per_shard, failing, reauth, rt_expiring = await pipe.execute()
-        firsts = [entry[0][1] for entry in per_shard[0::3] if entry]
-        due_soon = sum(per_shard[1::3])
-        scheduled = sum(per_shard[2::3])
-        lag = max(0.0, now - min(firsts)) if firsts else 0.0
-        return {
-            "lag": lag,
-            "due_next_minute": due_soon,
-            "scheduled": scheduled,
-            "refresh_failing": failing,
-            "reauth_required": reauth,
-            "refresh_token_expiring": rt_expiring,
-        }
-
-    async def save_authorization(self, key: str, blob: bytes, ttl: float) -> bool:
-        """Store a pending authorization for ``ttl`` seconds; False if the key exists."""
-        with self.guard("authorization"):
-            saved = await self.redis.set(key, blob, nx=True, px=max(1, int(ttl * 1000)))
-        return bool(saved)
-
-    async def take_authorization(self, key: str) -> bytes | None:
-        """The pending authorization's record, deleted in the same step: of two concurrent
-        takers only one gets it."""
-        with self.guard("authorization"):
-            blob = await self._take(keys=[key])
-        return blob if isinstance(blob, bytes) else None
 
     async def ping(self) -> float:
         """Round-trip time to Redis in milliseconds."""

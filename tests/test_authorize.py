@@ -116,7 +116,7 @@ async def test_a_connected_grant_is_on_the_refresh_schedule(
     journey = await connect(broker, browser, "sched", landing.url + "/")
     assert journey.query["status"] == "connected"
     store = broker.app[STORE]
-    due = await store.redis.zscore(store.schedule_key("dev"), "c2NoZWQ")  # base64url("sched")
+    due = await store.redis.zscore(store.keys.schedule_key("dev"), "c2NoZWQ")  # base64url("sched")
     assert due is not None
     assert due > broker.clock()
 
@@ -449,7 +449,7 @@ async def test_pending_authorizations_hold_no_secret_in_clear(
     _, started = await start_authorization(broker, "carol@example.com", APP + "/secret-path")
     state = started["state"]
     store = broker.app[STORE]
-    key = store.authorization_key(hashlib.sha256(state.encode()).hexdigest())
+    key = store.keys.authorization_key(hashlib.sha256(state.encode()).hexdigest())
     keys = [k async for k in store.redis.scan_iter(match=f"{key_prefix}:authz:*")]
     assert keys == [key.encode()]
     raw = await store.redis.get(key)

@@ -118,7 +118,7 @@ async def test_grants_refresh_and_revoke_on_a_cluster(
     assert provider.reused_refresh_tokens == 0
 
     store = broker.app[STORE]
-    slots = {key_slot(store.schedule_key("dev", shard).encode()) for shard in range(SHARDS)}
+    slots = {key_slot(store.keys.schedule_key("dev", shard).encode()) for shard in range(SHARDS)}
     assert len(slots) > 1  # the schedule is not one hot slot
     status, _, headers = await broker.call("DELETE", path("grants", "u-0"))
     assert status == 204

@@ -121,7 +121,7 @@ async def test_a_rejection_after_another_writer_rotated_returns_the_newer_grant(
     assert (status, body["access_token"]) == (200, "at-newer")
     status, grant = await a.grant("u")
     assert grant["state"] == "active"
-    schedule = store.schedule_of("dev", member("u"))
+    schedule = store.keys.schedule_of("dev", member("u"))
     assert await store.redis.zscore(schedule, member("u")) == pytest.approx(a.clock() + 3000, abs=5)
     assert provider.reused_refresh_tokens == 0
 

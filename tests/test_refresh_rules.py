@@ -58,7 +58,7 @@ async def test_a_write_whose_reply_was_lost_recognises_itself(
         )
         assert proxy.dropped_replies == 1
         assert status == 201, grant
-        assert await store.redis.zscore(store.schedule_key("dev"), member("u")) is not None
+        assert await store.redis.zscore(store.keys.schedule_key("dev"), member("u")) is not None
         # and the refresh path: a rotated token stored once, no conflict counted
         broker.clock.advance(3600)
         proxy.drop_reply_once(sha.encode())
@@ -132,7 +132,7 @@ async def test_a_waiting_caller_returns_as_soon_as_a_fresh_token_is_stored(
     status, token = await call
     assert (status, token["access_token"]) == (200, "at-fresh")
     assert time.monotonic() - written_at < 1.0
-    assert await store.redis.get(store.lock_key("dev", "u")) == other.encode()  # still busy
+    assert await store.redis.get(store.keys.lock_key("dev", "u")) == other.encode()  # still busy
 
 
 async def test_min_ttl_is_met_whenever_the_providers_lifetime_allows_it(
@@ -283,12 +283,12 @@ async def test_a_grant_lost_from_the_indexes_is_found_and_scheduled_again(
     store = broker.app[STORE]
     lost = member("user-3")
     # what a lost index update leaves behind: off the schedule, in a wrong state set
-    await store.redis.zrem(store.schedule_key("dev"), lost)
-    await store.redis.sadd(store.state_key("dev", "reauth_required"), lost)
+    await store.redis.zrem(store.keys.schedule_key("dev"), lost)
+    await store.redis.sadd(store.keys.state_key("dev", "reauth_required"), lost)
 
     async def repaired() -> bool:
-        scheduled = await store.redis.zscore(store.schedule_key("dev"), lost)
-        wrong = await store.redis.sismember(store.state_key("dev", "reauth_required"), lost)
+        scheduled = await store.redis.zscore(store.keys.schedule_key("dev"), lost)
+        wrong = await store.redis.sismember(store.keys.state_key("dev", "reauth_required"), lost)
         return scheduled is not None and not wrong
 
     await eventually(repaired, "the reconciler to put the grant back", within=5)

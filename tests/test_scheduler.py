@@ -211,7 +211,7 @@ async def test_rejected_grants_leave_the_schedule(
 
     await eventually(reauth, "the grant to need re-authorization", within=10)
     store = broker.app[STORE]
-    assert await store.redis.zcard(store.schedule_key("dev")) == 0
+    assert await store.redis.zcard(store.keys.schedule_key("dev")) == 0
     requests = provider.token_requests
     broker.clock.advance(3600)
     scheduler = broker.app[SCHEDULER]
@@ -229,10 +229,10 @@ async def test_a_stale_schedule_entry_for_a_dead_grant_is_dropped(
 ) -> None:
     broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix, **FAST)
     store = broker.app[STORE]
-    await store.redis.zadd(store.schedule_key("dev"), {"Z29uZQ": 0})  # "gone": no such grant
+    await store.redis.zadd(store.keys.schedule_key("dev"), {"Z29uZQ": 0})  # "gone": no such grant
 
     async def dropped() -> bool:
-        return await store.redis.zscore(store.schedule_key("dev"), "Z29uZQ") is None
+        return await store.redis.zscore(store.keys.schedule_key("dev"), "Z29uZQ") is None
 
     await eventually(dropped, "the stale entry to be dropped", within=5)
 
@@ -249,7 +249,7 @@ async def test_stopping_hands_unfinished_claims_back(
     await provider.wait_for_token_requests(1)
     store = broker.app[STORE]
     await broker.client.close()  # stop: the refresh is stuck at the provider past the drain
-    score = await store.redis.zscore(store.schedule_key("dev"), "dXNlci0w")
+    score = await store.redis.zscore(store.keys.schedule_key("dev"), "dXNlci0w")
     provider.release()
     assert score is not None
     assert score <= broker.clock() + 0.5  # due again now, not after the lease

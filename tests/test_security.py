@@ -24,7 +24,7 @@ async def test_records_in_redis_hold_no_plaintext_token(
     refresh_token = provider.issue_refresh_token("u")
     await broker.import_grant("u", refresh_token=refresh_token)
     store = store_of(broker)
-    raw = await store.redis.hgetall(store.grant_key("dev", "u"))
+    raw = await store.redis.hgetall(store.keys.grant_key("dev", "u"))
     everything = b"".join(x for x in [*raw.keys(), *raw.values()] if isinstance(x, bytes))
     assert b"blob" in everything
     grant = await store.read("dev", "u")
@@ -43,8 +43,8 @@ async def test_a_record_copied_to_another_user_is_refused(
     )
     await broker.import_grant("mallory", refresh_token="rt-m", access_token="at-m", expires_in=600)
     store = store_of(broker)
-    blob = await store.redis.hget(store.grant_key("dev", "alice"), "blob")
-    await store.redis.hset(store.grant_key("dev", "mallory"), "blob", blob)
+    blob = await store.redis.hget(store.keys.grant_key("dev", "alice"), "blob")
+    await store.redis.hset(store.keys.grant_key("dev", "mallory"), "blob", blob)
     async with broker.client.get(path("tokens", "mallory"), headers=broker.headers) as response:
         text = await response.text()
         assert response.status == 500
@@ -62,14 +62,14 @@ async def test_a_record_copied_to_another_user_is_refused(
 async def test_an_unreadable_grant_can_be_deleted_or_replaced(broker: Broker) -> None:
     await broker.import_grant("u", refresh_token="rt", access_token="at", expires_in=600)
     store = store_of(broker)
-    await store.redis.hset(store.grant_key("dev", "u"), "blob", b"\x01\x02k1" + os.urandom(40))
+    await store.redis.hset(store.keys.grant_key("dev", "u"), "blob", b"\x01\x02k1" + os.urandom(40))
     assert (await broker.grant("u"))[0] == 500
     status, _ = await broker.import_grant(
         "u", refresh_token="rt2", access_token="at2", expires_in=600
     )
     assert status == 200
     assert (await broker.token("u"))[1]["access_token"] == "at2"
-    await store.redis.hset(store.grant_key("dev", "u"), "blob", b"garbage")
+    await store.redis.hset(store.keys.grant_key("dev", "u"), "blob", b"garbage")
     status, _, headers = await broker.call("DELETE", path("grants", "u"))
     assert status == 204
     assert headers["Broker-Revocation"] == "skipped"
@@ -88,7 +88,7 @@ async def test_key_rotation_keeps_old_records_readable(
     assert (await rotated.token("u"))[1]["access_token"] == "at-k1"
     await rotated.import_grant("v", refresh_token="rt", access_token="at-k2", expires_in=600)
     store = store_of(rotated)
-    blob = await store.redis.hget(store.grant_key("dev", "v"), "blob")
+    blob = await store.redis.hget(store.keys.grant_key("dev", "v"), "blob")
     assert isinstance(blob, bytes)
     assert store._keyring.key_id_of(blob) == "k2"
     too_early = await make_broker(encryption_keys=new, **common)

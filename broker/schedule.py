@@ -1,0 +1,149 @@
+"""The refresh schedule and the state indexes of grants, in Redis.
+
+Per provider, a sorted set (or ``schedule_shards`` of them, for a Redis Cluster) schedules
+refreshes by due time, members being base64url user ids; claims move an entry to a lease score.
+Two sets index grants by state, and a sorted set tracks refresh-token expiry. They are updated
+right after each grant write with single-key commands (no cross-slot transaction); a lost
+update is found by the reconciler (``broker/reconcile.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from broker.errors import StoreUnavailable
+from broker.metrics import Metrics
+from broker.models import Grant
+from broker.store import Guard, Keys, member, script, user_id_of
+
+log = structlog.get_logger(__name__)
+
+
+class ScheduleIndex:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, guard: Guard, metrics: Metrics, shards: int = 1
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.guard = guard
+        self.metrics = metrics
+        self._shards = shards
+        self._next_shard = 0
+        self._claim = redis.register_script(script("claim_due.lua"))
+        self._move_lease = redis.register_script(script("move_lease.lua"))
+
+    async def index(self, grant: Grant) -> None:
+        """Schedule and state indexes after a write; best effort (the reconciler heals them)."""
+        m, p = member(grant.user_id), grant.provider
+        pipe = self.redis.pipeline(transaction=False)
+        if grant.state != "reauth_required" and grant.next_refresh_at is not None:
+            pipe.zadd(self.keys.schedule_of(p, m), {m: grant.next_refresh_at})
+        else:
+            pipe.zrem(self.keys.schedule_of(p, m), m)
+        for state in ("refresh_failing", "reauth_required"):
+            if grant.state == state:
+                pipe.sadd(self.keys.state_key(p, state), m)
+            else:
+                pipe.srem(self.keys.state_key(p, state), m)
+        if grant.refresh_token_expires_at is not None and grant.state != "reauth_required":
+            pipe.zadd(self.keys.rt_expiry_key(p), {m: grant.refresh_token_expires_at})
+        else:
+            pipe.zrem(self.keys.rt_expiry_key(p), m)
+        try:
+            with self.guard("index"):
+                await pipe.execute()
+        except StoreUnavailable:
+            log.warning("store.index_failed", provider=p, user_id=grant.user_id)
+
+    def unindex(self, pipe: Any, provider: str, m: str) -> None:
+        """Queue the removal of a deleted grant's index entries on ``pipe``."""
+        pipe.zrem(self.keys.schedule_of(provider, m), m)
+        pipe.zrem(self.keys.rt_expiry_key(provider), m)
+        for state in ("refresh_failing", "reauth_required"):
+            pipe.srem(self.keys.state_key(provider, state), m)
+
+    async def claim_due(
+        self, provider: str, now: float, lease_until: float, limit: int
+    ) -> list[str]:
+        """User ids of up to ``limit`` due grants, leased to us until ``lease_until``. Shards
+        are visited from a rotating start so none is starved."""
+        claimed: list[str] = []
+        self._next_shard = (self._next_shard + 1) % self._shards
+        for step in range(self._shards):
+            if len(claimed) >= limit:
+                break
+            shard = (self._next_shard + step) % self._shards
+            with self.guard("claim"):
+                members = await self._claim(
+                    keys=[self.keys.schedule_key(provider, shard)],
+                    args=[now, lease_until, limit - len(claimed)],
+                )
+            claimed += [user_id_of(m) for m in members]
+        return claimed
+
+    async def move_lease(self, provider: str, user_id: str, lease: float, to: float | None) -> bool:
+        """Move a claim from score ``lease`` to ``to`` (renew it, hand it back) or, with None,
+        take it off the schedule; only if the schedule still holds our lease: a grant write may
+        have rescheduled it already, and that write wins."""
+        with self.guard("claim"):
+            moved = await self._move_lease(
+                keys=[self.keys.schedule_of(provider, member(user_id))],
+                args=[member(user_id), repr(lease), "" if to is None else repr(to)],
+            )
+        return bool(moved)
+
+    async def expedite(self, provider: str, now: float, batch: int = 500) -> int:
+        """Make every grant of ``provider`` in ``refresh_failing`` due at ``now`` (its backoff
+        would keep it waiting after the provider came back). Scores already earlier are kept;
+        members not scheduled are not added. Returns how many members were visited."""
+        visited, cursor = 0, 0
+        key = self.keys.state_key(provider, "refresh_failing")
+        while True:
+            with self.guard("claim"):
+                cursor, members = await self.redis.sscan(key, cursor, count=batch)
+                if members:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for raw in members:
+                        m = raw.decode() if isinstance(raw, bytes) else str(raw)
+                        pipe.zadd(self.keys.schedule_of(provider, m), {m: now}, xx=True, lt=True)
+                    await pipe.execute()
+            visited += len(members)
+            if cursor == 0:
+                return visited
+
+    async def failing_sample(self, provider: str) -> str | None:
+        """The user id of one grant in ``refresh_failing`` (random), or None."""
+        with self.guard("claim"):
+            raw = await self.redis.srandmember(self.keys.state_key(provider, "refresh_failing"))
+        return user_id_of(raw) if isinstance(raw, (bytes, str)) else None
+
+    async def schedule_stats(
+        self, provider: str, now: float, rt_warn_before: float
+    ) -> dict[str, float]:
+        """Figures for metrics and readiness; cost independent of how many grants exist."""
+        with self.guard("stats"):
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in range(self._shards):
+                key = self.keys.schedule_key(provider, shard)
+                pipe.zrange(key, 0, 0, withscores=True)
+                pipe.zcount(key, now, now + 60)
+                pipe.zcard(key)
+            pipe.scard(self.keys.state_key(provider, "refresh_failing"))
+            pipe.scard(self.keys.state_key(provider, "reauth_required"))
+            pipe.zcount(self.keys.rt_expiry_key(provider), "-inf", now + rt_warn_before)
+            *per_shard, failing, reauth, rt_expiring = await pipe.execute()
+        firsts = [entry[0][1] for entry in per_shard[0::3] if entry]
+        due_soon = sum(per_shard[1::3])
+        scheduled = sum(per_shard[2::3])
+        lag = max(0.0, now - min(firsts)) if firsts else 0.0
+        return {
+            "lag": lag,
+            "due_next_minute": due_soon,
+            "scheduled": scheduled,
+            "refresh_failing": failing,
+            "reauth_required": reauth,
+            "refresh_token_expiring": rt_expiring,
+        }
