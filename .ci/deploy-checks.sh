@@ -229,489 +229,14 @@ if [ "${1:-}" = relock ]; then
   exit 0
 fi
 
-# --- the checks' Python side (run with the tools' interpreter) ----------------------------------
-
-cat >"$WORK/checks.py" <<'PY'
-"""Checks that need more than a shell: called as `checks.py <check> args...`."""
-import base64
-import json
-import pathlib
-import re
-import sys
-import tomllib
-
-
-def docs(path):
-    import yaml
-
-    return [d for d in yaml.safe_load_all(pathlib.Path(path).read_text()) if d]
-
-
-def lock_matches_pyproject(pyproject, lock):
-    """Every dependency of pyproject.toml is pinned in the lock, within its range."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    pins = {}
-    for line in pathlib.Path(lock).read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s\\;]+)", line)
-        if m:
-            pins[canonicalize_name(m[1])] = m[2]
-    bad = []
-    deps = tomllib.loads(pathlib.Path(pyproject).read_text())["project"]["dependencies"]
-    for dep in deps:
-        req = Requirement(dep)
-        name = canonicalize_name(req.name)
-        if name not in pins:
-            bad.append(f"{req.name}: not in {lock}")
-        elif not req.specifier.contains(pins[name], prereleases=True):
-            bad.append(f"{req.name}=={pins[name]} in {lock} is outside {req.specifier}")
-    for problem in bad:
-        print(problem)
-    if bad:
-        print("run .ci/deploy-checks.sh relock")
-    print(f"{len(deps)} dependencies, {len(pins)} pins")
-    return not bad
-
-
-def dockerignore_allows_copies(dockerfile, dockerignore):
-    """Each COPY source of the build context exists and is allowed by the .dockerignore
-    allow-list (a `*` rule followed by `!path` exceptions)."""
-    allowed = [
-        line[1:].strip().rstrip("/")
-        for line in pathlib.Path(dockerignore).read_text().splitlines()
-        if line.startswith("!")
-    ]
-    text = re.sub(r"\\\n", " ", pathlib.Path(dockerfile).read_text())
-    ok = True
-    copies = 0
-    for line in text.splitlines():
-        words = line.split()
-        if not words or words[0].upper() not in ("COPY", "ADD"):
-            continue
-        if any(w.startswith("--from") for w in words):
-            continue
-        for src in [w for w in words[1:-1] if not w.startswith("--")]:
-            copies += 1
-            if not pathlib.Path(src).exists():
-                print(f"{src}: copied by {dockerfile}, does not exist")
-                ok = False
-            if not any(src.rstrip("/") == a or src.startswith(a + "/") for a in allowed):
-                print(f"{src}: copied by {dockerfile}, but not allowed by {dockerignore}")
-                ok = False
-    print(f"{copies} sources copied from the build context")
-    return ok and copies > 0
-
-
-def compose_demo(compose_json, out_dir):
-    """From `docker-compose config --format json`: the broker service's environment (as a
-    file for check-config), its broker.toml path, and every python health check compiled."""
-    cfg = json.loads(pathlib.Path(compose_json).read_text())
-    services = cfg["services"]
-    need = {"redis", "broker", "devprovider"}
-    if not need <= set(services):
-        print(f"services {sorted(need - set(services))} missing")
-        return False
-    ok = True
-    for name, svc in services.items():
-        test = svc.get("healthcheck", {}).get("test")
-        if not test:
-            print(f"{name}: no healthcheck")
-            ok = False
-        elif test[:3] == ["CMD", "python", "-c"]:
-            compile(test[3], f"{name} healthcheck", "exec")
-    for name, dep in services["broker"].get("depends_on", {}).items():
-        if dep.get("condition") != "service_healthy":
-            print(f"broker depends on {name} without condition service_healthy")
-            ok = False
-    broker = services["broker"]
-    env = broker.get("environment", {})
-    mounts = [v for v in broker.get("volumes", []) if v.get("target") == env.get("BROKER_CONFIG")]
-    if len(mounts) != 1:
-        print("broker: BROKER_CONFIG is not a mounted file")
-        return False
-    out = pathlib.Path(out_dir)
-    (out / "broker.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    (out / "broker.toml.path").write_text(mounts[0]["source"])
-    dev = services["devprovider"]
-    (out / "devprovider.args").write_text("\n".join(dev["command"]))
-    return ok
-
-
-def values_documented(values, readme):
-    """Every key of values.yaml (or one of its parents) has a row in the README's values
-    table, and every row names a key that exists."""
-    import yaml
-
-    tree = yaml.safe_load(pathlib.Path(values).read_text())
-    nodes, leaves = set(), set()
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            path = f"{prefix}.{key}" if prefix else key
-            nodes.add(path)
-            if isinstance(value, dict) and value:
-                walk(value, path)
-            else:
-                leaves.add(path)
-
-    walk(tree, "")
-    section = pathlib.Path(readme).read_text().partition("\n## Values\n")[2].partition("\n## ")[0]
-    rows = set(re.findall(r"^\|\s*`([^`]+)`\s*\|", section, re.M))
-    ok = True
-    for leaf in sorted(leaves):
-        parts = leaf.split(".")
-        if not any(".".join(parts[:i]) in rows for i in range(1, len(parts) + 1)):
-            print(f"{leaf}: not documented in {readme}")
-            ok = False
-    for row in sorted(rows - nodes):
-        print(f"{row}: documented in {readme}, but not in {values}")
-        ok = False
-    print(f"{len(leaves)} values, {len(rows)} documented rows")
-    return ok
-
-
-SERVICEMONITOR = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "ServiceMonitor"},
-        "metadata": {"type": "object", "required": ["name", "namespace"]},
-        "spec": {
-            "type": "object",
-            "required": ["selector", "endpoints"],
-            "additionalProperties": False,
-            "properties": {
-                "selector": {
-                    "type": "object",
-                    "required": ["matchLabels"],
-                    "properties": {"matchLabels": {"type": "object", "minProperties": 1}},
-                },
-                "namespaceSelector": {
-                    "type": "object",
-                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
-                },
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["port", "path"],
-                        "properties": {
-                            "port": {"type": "string"},
-                            "path": {"const": "/metrics"},
-                            "scheme": {"enum": ["http", "https"]},
-                            "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
-                            "scrapeTimeout": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
-                            "relabelings": {"type": "array", "items": {"type": "object"}},
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
-DURATION = {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"}
-PROMETHEUSRULE = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "PrometheusRule"},
-        "metadata": {"type": "object", "required": ["name", "namespace"]},
-        "spec": {
-            "type": "object",
-            "required": ["groups"],
-            "additionalProperties": False,
-            "properties": {
-                "groups": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "rules"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "name": {"type": "string", "minLength": 1},
-                            "interval": DURATION,
-                            "rules": {
-                                "type": "array",
-                                "minItems": 1,
-                                "items": {
-                                    "type": "object",
-                                    "required": ["expr"],
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-                                        "record": {"type": "string", "pattern": "^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
-                                        "expr": {"type": "string", "minLength": 1},
-                                        "for": DURATION,
-                                        "keep_firing_for": DURATION,
-                                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-                                    },
-                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-                                },
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
-# Labels a scrape adds to every series (prometheus-operator's ServiceMonitor targets).
-TARGET_LABELS = {"namespace", "job", "instance", "pod", "service", "endpoint", "container"}
-
-
-def monitoring(render, metrics_json, runbook):
-    """ServiceMonitor and PrometheusRule: structure (schemas above), every expression parses
-    as PromQL and uses only metrics and labels broker exports, every alert has a runbook
-    annotation whose section exists in docs/RUNBOOK.md."""
-    import jsonschema
-    import promql_parser
-
-    metrics = json.loads(pathlib.Path(metrics_json).read_text()) if metrics_json != "-" else None
-    anchors = {
-        re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
-        for h in re.findall(r"^#+\s+(.+)$", pathlib.Path(runbook).read_text(), re.M)
-    }
-    seen = {"ServiceMonitor": 0, "PrometheusRule": 0}
-    ok = True
-    for doc in docs(render):
-        kind = doc.get("kind")
-        if kind not in seen:
-            continue
-        seen[kind] += 1
-        schema = SERVICEMONITOR if kind == "ServiceMonitor" else PROMETHEUSRULE
-        for err in jsonschema.Draft7Validator(schema).iter_errors(doc):
-            print(f"{kind}: {'.'.join(map(str, err.path))}: {err.message}")
-            ok = False
-        if kind != "PrometheusRule":
-            continue
-        for group in doc["spec"]["groups"]:
-            for rule in group["rules"]:
-                name = rule.get("alert") or rule.get("record")
-                try:
-                    tree = promql_parser.parse(rule["expr"])
-                except ValueError as err:
-                    print(f"{name}: expr is not PromQL: {err}")
-                    ok = False
-                    continue
-                if metrics is not None and group["name"] != "broker.extra":
-                    ok &= check_promql(name, tree, metrics)
-                if "alert" in rule:
-                    notes = rule.get("annotations", {})
-                    link = notes.get("runbook_url") or notes.get("runbook") or ""
-                    anchor = link.rpartition("#")[2]
-                    if not anchor or anchor not in anchors:
-                        print(f"{name}: runbook anchor #{anchor} is not a heading of {runbook}")
-                        ok = False
-                    if "severity" not in rule.get("labels", {}):
-                        print(f"{name}: no severity label")
-                        ok = False
-    print(f"checked {seen}")
-    return ok
-
-
-def check_promql(name, tree, metrics):
-    """Metric and label names of the broker's series in one expression."""
-    ok = True
-
-    def selectors(node):
-        kind = type(node).__name__
-        if kind == "VectorSelector":
-            yield node
-        for attr in ("lhs", "rhs", "expr", "vector_selector", "param"):
-            child = getattr(node, attr, None)
-            if child is not None and not isinstance(child, (str, int, float)):
-                yield from selectors(child)
-        for child in getattr(node, "args", None) or []:
-            yield from selectors(child)
-
-    def visit(node):
-        nonlocal ok
-        kind = type(node).__name__
-        if kind == "AggregateExpr" and node.modifier is not None:
-            labels = set(node.modifier.labels)
-            inner = [m for m in (s.name for s in selectors(node.expr)) if m in metrics]
-            for metric in inner:
-                missing = labels - set(metrics[metric]) - TARGET_LABELS
-                if missing:
-                    print(f"{name}: aggregates {metric} by unknown labels {sorted(missing)}")
-                    ok = False
-        for attr in ("lhs", "rhs", "expr", "param"):
-            child = getattr(node, attr, None)
-            if child is not None and not isinstance(child, (str, int, float)):
-                visit(child)
-        for child in getattr(node, "args", None) or []:
-            visit(child)
-
-    for sel in selectors(tree):
-        metric = sel.name
-        if metric == "up":
-            continue
-        if metric not in metrics:
-            print(f"{name}: {metric} is not a metric broker exports")
-            ok = False
-            continue
-        for matcher in sel.matchers.matchers:
-            if matcher.name not in set(metrics[metric]) | TARGET_LABELS:
-                print(f"{name}: {metric} has no label {matcher.name}")
-                ok = False
-    visit(tree)
-    return ok
-
-
-def runbook_covers(metrics_json, runbook):
-    """docs/RUNBOOK.md names every metric broker exports and every health endpoint."""
-    text = pathlib.Path(runbook).read_text()
-    families = json.loads(pathlib.Path(metrics_json).read_text())["_families"]
-    missing = [f for f in families if f not in text]
-    missing += [e for e in ("/healthz", "/readyz", "/metrics") if e not in text]
-    for m in missing:
-        print(f"{m}: not in {runbook}")
-    print(f"{len(families)} metrics")
-    return not missing
-
-
-def rendered_config(render, out_dir, init_script_out):
-    """Recreate, from one `helm template` output, what a broker pod would see: the files of
-    its Secret volume (or stand-ins for an existingSecret), the init container's assembly of
-    broker.toml, and the environment of the broker container (Secret references resolved or
-    stood in for). Writes the init command, env file and paths for the shell side."""
-    objs = docs(render)
-    by = {(d["kind"], d["metadata"]["name"]): d for d in objs}
-    deploy = next(d for d in objs if d["kind"] == "Deployment")
-    pod = deploy["spec"]["template"]["spec"]
-    out = pathlib.Path(out_dir)
-    root = out / "fs"
-    volumes = {v["name"]: v for v in pod["volumes"]}
-
-    def secret_data(name):
-        s = by.get(("Secret", name))
-        if s is None:
-            return None
-        return {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
-
-    # Volumes, as files under fs/<mount path>.
-    init = pod["initContainers"][0]
-    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
-    cm_name = volumes["config"]["configMap"]["name"]
-    for path, vol in mounts.items():
-        d = root / path.lstrip("/")
-        d.mkdir(parents=True, exist_ok=True)
-        spec = volumes[vol]
-        if "configMap" in spec:
-            for k, v in by[("ConfigMap", cm_name)]["data"].items():
-                (d / k).write_text(v)
-        elif "secret" in spec:
-            # The chart's Secret as rendered; for an existingSecret (not rendered), or a key
-            # the values leave out (encryption keys in the default values), a stand-in.
-            data = secret_data(spec["secret"]["secretName"]) or {}
-            for k, v in data.items():
-                (d / k).write_text(v)
-            if "clients.toml" not in data:  # an existingSecret's: exercise the assembly
-                print(f"stand-in for {path}/clients.toml")
-                (d / "clients.toml").write_text(
-                    '[[clients]]\nname = "ci-stand-in"\nkey_sha256 = "' + "0" * 64 + '"\n'
-                    'providers = ["*"]\npermissions = ["tokens:read"]\n'
-                )
-            toml = by[("ConfigMap", cm_name)]["data"]["broker.toml"]
-            for ref in re.findall(r'"/etc/broker/secrets/([^"]+)"', toml):
-                if ref not in data:
-                    print(f"stand-in for {path}/{ref}")
-                    (d / ref).write_text(
-                        "ci:" + base64.b64encode(b"x" * 32).decode()
-                        if ref == "encryption-keys"
-                        else "ci-stand-in-secret"
-                    )
-    # The init container's own script, with its paths moved under fs/.
-    cmd = init["command"]
-    assert cmd[:2] == ["python", "-c"], cmd
-    pathlib.Path(init_script_out).write_text(cmd[2])
-    (out / "init.args").write_text("\n".join(str(root / a.lstrip("/")) for a in cmd[3:]))
-    # The broker container: its config path and environment.
-    broker = next(c for c in pod["containers"] if c["name"] == "broker")
-    args = broker["args"]
-    config = args[args.index("--config") + 1]
-    (out / "config.path").write_text(str(root / config.lstrip("/")))
-    env = {}
-    for e in broker.get("env", []):
-        if "value" in e:
-            env[e["name"]] = e["value"]
-        elif "secretKeyRef" in e.get("valueFrom", {}):
-            ref = e["valueFrom"]["secretKeyRef"]
-            data = secret_data(ref["name"])
-            if data and ref["key"] in data:
-                env[e["name"]] = data[ref["key"]]
-            elif e["name"] == "BROKER_REDIS_URL":
-                env[e["name"]] = "redis://:stand-in@redis.invalid:6379/0"
-            else:
-                env[e["name"]] = "ci-stand-in"
-    (out / "broker.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    # The file paths in broker.toml are absolute: point them at fs/.
-    return True
-
-
-def schema_matches_broker(schema_path):
-    """(Run with the image's Python.) values.schema.json knows exactly broker's settings:
-    config = the top-level settings minus the chart's own, providers.<name> = the provider
-    settings minus an inline client_secret, plus the chart's clientSecret and public."""
-    from dataclasses import fields
-
-    from broker.config import ProviderSettings, Settings
-
-    schema = json.loads(pathlib.Path(schema_path).read_text())["properties"]
-    chart_owned = {"host", "port", "redis_url", "encryption_keys_file", "encryption_keys_env"}
-    top = {f.name for f in fields(Settings)} - {"encryption_keys", "ephemeral_encryption_key"}
-    top = (top | {"encryption_keys_file", "encryption_keys_env"}) - {"providers", "clients"}
-    prov = {f.name for f in fields(ProviderSettings)} - {"name", "client_secret"}
-    prov |= {"client_secret_env", "client_secret_file"}
-    in_schema = set(schema["config"]["properties"])
-    prov_schema = set(schema["providers"]["additionalProperties"]["properties"])
-    prov_schema -= {"clientSecret", "public"}
-    problems = [f"config.{k}: a broker setting missing from {schema_path}" for k in sorted(top - chart_owned - in_schema)]
-    problems += [f"config.{k}: in {schema_path}, not a broker setting" for k in sorted(in_schema - top)]
-    problems += [f"providers.<name>.{k}: a broker setting missing from {schema_path}" for k in sorted(prov - prov_schema)]
-    problems += [f"providers.<name>.{k}: in {schema_path}, not a broker setting" for k in sorted(prov_schema - prov)]
-    for problem in problems:
-        print(problem)
-    print(f"{len(top)} top-level and {len(prov)} provider settings")
-    return not problems
-
-
-def exported_metrics(out):
-    """(Run with the image's Python.) Metric names broker exports, with their label names."""
-    from prometheus_client.metrics import MetricWrapperBase
-
-    from broker.metrics import Metrics
-
-    result, families = {}, []
-    for metric in vars(Metrics()).values():
-        if not isinstance(metric, MetricWrapperBase):
-            continue
-        name, kind, labels = metric._name, metric._type, list(metric._labelnames)
-        families.append(name + ("_total" if kind == "counter" else ""))
-        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
-        for suffix in suffixes.get(kind, [""]):
-            result[name + suffix] = labels + (["le"] if suffix == "_bucket" else [])
-    result["broker_build_info"] = ["version"]
-    families.append("broker_build_info")
-    result["_families"] = families
-    pathlib.Path(out).write_text(json.dumps(result, indent=1))
-    print(f"{len(families)} metric families")
-    return True
-
-
-if __name__ == "__main__":
-    check, *args = sys.argv[1:]
-    sys.exit(0 if globals()[check.replace("-", "_")](*args) else 1)
-PY
+# --- the checks' Python side: tools/deploy_checks ----------------------------------------------
+# `python -m tools.deploy_checks <check> args...`, run by the tools' venv (CHECKS) or the image's
+# (IMAGE_CHECKS: the checks that import broker). The interpreter finds tools/ through $WORK/lib,
+# which holds only a link to it, and not through the checkout (-P: no working directory on
+# sys.path), so `import broker` is the broker installed in its venv (the image's: from the
+# wheel). -B: no bytecode written into the checkout.
+mkdir "$WORK/lib"
+ln -s "$ROOT/tools" "$WORK/lib/tools"
 
 # --- the checks ---------------------------------------------------------------------------------
 
@@ -727,7 +252,7 @@ COMPOSE=$("$TOOLS/python" -c 'import compose, pathlib; print(pathlib.Path(compos
 say "   $("$HELM4" version --short), $("$HELM3" version --short), $("$COMPOSE" version --short | sed 's/^/docker-compose /')," \
   "$("$TOOLS/hadolint" --version | sed 's/Haskell Dockerfile Linter/hadolint/'), kubernetes-validate $("$TOOLS/kubernetes-validate" --version)"
 install_image_env
-CHECKS=("$TOOLS/python" "$WORK/checks.py")
+CHECKS=(env PYTHONPATH="$WORK/lib" "$TOOLS/python" -B -P -m tools.deploy_checks)
 
 section "container image: deploy/Dockerfile, .dockerignore, deploy/*.lock"
 check "hadolint deploy/Dockerfile" "$TOOLS/hadolint" deploy/Dockerfile
@@ -736,6 +261,7 @@ check "every COPY source exists and passes .dockerignore" \
 check "deploy/requirements.lock pins every dependency of pyproject.toml within its range" \
   "${CHECKS[@]}" lock-matches-pyproject pyproject.toml deploy/requirements.lock
 if [ -n "$IMAGE_PY_OK" ]; then
+  IMAGE_CHECKS=(env PYTHONPATH="$WORK/lib" "$RUNTIME_VENV/bin/python" -B -P -m tools.deploy_checks)
   # What the builder stage does after its dependency layer: build the wheel from exactly the
   # files the Dockerfile copies, install it without dependencies, and let pip check the lock.
   build_wheel() {
@@ -754,13 +280,8 @@ if [ -n "$IMAGE_PY_OK" ]; then
   check "the image's venv: the locks install with --require-hashes, the wheel builds, pip check passes" \
     build_wheel
   BROKER="$RUNTIME_VENV/bin/broker"
-  check "the Dockerfile's HEALTHCHECK command is valid Python" "$TOOLS/python" -c '
-import json, re, sys
-text = re.sub(r"\\\n", " ", open("deploy/Dockerfile").read())
-cmd = json.loads(re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.M).group(1))
-assert cmd[:2] == ["python", "-c"], cmd
-compile(cmd[2], "HEALTHCHECK", "exec")
-print(cmd[2])'
+  check "the Dockerfile's HEALTHCHECK command is valid Python" \
+    "${CHECKS[@]}" healthcheck-is-python deploy/Dockerfile
 fi
 
 section "docker-compose.yml (Compose specification, no engine)"
@@ -875,7 +396,7 @@ done
 
 if [ -n "$IMAGE_PY_OK" ]; then
   check "metric names and labels broker exports (from broker/metrics.py)" \
-    in_dir "$WORK" "$RUNTIME_VENV/bin/python" "$WORK/checks.py" exported-metrics "$WORK/metrics.json"
+    in_dir "$WORK" "${IMAGE_CHECKS[@]}" exported-metrics "$WORK/metrics.json"
   METRICS_JSON="$WORK/metrics.json"
   [ -f "$METRICS_JSON" ] || METRICS_JSON=-
 else
@@ -883,7 +404,7 @@ else
 fi
 if [ -n "$IMAGE_PY_OK" ]; then
   check "values.schema.json knows exactly broker's settings (broker/config.py)" \
-    in_dir "$WORK" "$RUNTIME_VENV/bin/python" "$WORK/checks.py" schema-matches-broker \
+    in_dir "$WORK" "${IMAGE_CHECKS[@]}" schema-matches-broker \
     "$ROOT/helm/broker/values.schema.json"
 fi
 for name in default-monitoring production variants; do

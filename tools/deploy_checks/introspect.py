@@ -1,0 +1,69 @@
+"""Checks that import broker: run with the image's runtime venv, so they see the broker wheel
+and the locked dependencies the image has. Standard library, broker and its dependencies only."""
+
+import json
+import pathlib
+from dataclasses import fields
+
+from prometheus_client.metrics import MetricWrapperBase
+
+from broker.config import ProviderSettings, Settings
+from broker.metrics import Metrics
+
+
+def schema_matches_broker(schema_path: str) -> bool:
+    """(Run with the image's Python.) values.schema.json knows exactly broker's settings:
+    config = the top-level settings minus the chart's own, providers.<name> = the provider
+    settings minus an inline client_secret, plus the chart's clientSecret and public."""
+    schema = json.loads(pathlib.Path(schema_path).read_text())["properties"]
+    chart_owned = {"host", "port", "redis_url", "encryption_keys_file", "encryption_keys_env"}
+    top = {f.name for f in fields(Settings)} - {"encryption_keys", "ephemeral_encryption_key"}
+    top = (top | {"encryption_keys_file", "encryption_keys_env"}) - {"providers", "clients"}
+    prov = {f.name for f in fields(ProviderSettings)} - {"name", "client_secret"}
+    prov |= {"client_secret_env", "client_secret_file"}
+    in_schema = set(schema["config"]["properties"])
+    prov_schema = set(schema["providers"]["additionalProperties"]["properties"])
+    prov_schema -= {"clientSecret", "public"}
+    problems = [
+        f"config.{k}: a broker setting missing from {schema_path}"
+        for k in sorted(top - chart_owned - in_schema)
+    ]
+    problems += [
+        f"config.{k}: in {schema_path}, not a broker setting" for k in sorted(in_schema - top)
+    ]
+    problems += [
+        f"providers.<name>.{k}: a broker setting missing from {schema_path}"
+        for k in sorted(prov - prov_schema)
+    ]
+    problems += [
+        f"providers.<name>.{k}: in {schema_path}, not a broker setting"
+        for k in sorted(prov_schema - prov)
+    ]
+    for problem in problems:
+        print(problem)
+    print(f"{len(top)} top-level and {len(prov)} provider settings")
+    return not problems
+
+
+def exported_metrics(out: str) -> bool:
+    """(Run with the image's Python.) Metric names broker exports, with their label names."""
+    result: dict[str, list[str]] = {}
+    families: list[str] = []
+    for metric in vars(Metrics()).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        # prometheus_client keeps a metric's name, type and label names private.
+        name, kind, labels = metric._name, metric._type, list(metric._labelnames)
+        families.append(name + ("_total" if kind == "counter" else ""))
+        suffixes: dict[str | None, list[str]] = {
+            "counter": ["_total"],
+            "histogram": ["_bucket", "_sum", "_count"],
+        }
+        for suffix in suffixes.get(kind, [""]):
+            result[name + suffix] = labels + (["le"] if suffix == "_bucket" else [])
+    result["broker_build_info"] = ["version"]
+    families.append("broker_build_info")
+    result["_families"] = families
+    pathlib.Path(out).write_text(json.dumps(result, indent=1))
+    print(f"{len(families)} metric families")
+    return True
