@@ -52,7 +52,8 @@ class LockStore:
     async def acquire(self, provider: str, user_id: str, ttl: float) -> str | None:
         """An owner token if we took the lock, else None; never blocks. With
         ``min_replicas_to_ack`` the lock is replicated before we rely on it (``WAIT`` on the
-        same connection), so a failover right after cannot hand it to another replica."""
+        same connection), so a failover right after cannot hand it to another replica; a lock
+        the replicas did not confirm in time is used anyway, logged and counted."""
         token = secrets.token_hex(16)
         keys = [self._store.keys.lock_key(provider, user_id)]
         args: list[str | int] = [token, int(ttl * 1000)]
@@ -63,7 +64,17 @@ class LockStore:
                 pipe = self._store.redis.pipeline(transaction=False)
                 await self._acquire(keys=keys, args=args, client=pipe)
                 pipe.execute_command("WAIT", self._min_replicas, int(self._ack_timeout * 1000))
-                taken, _ = await pipe.execute()
+                taken, acked = await pipe.execute()
+                if taken and int(acked) < self._min_replicas:
+                    # Used anyway (refusing would stop every refresh while a replica is down),
+                    # but counted: a failover now could hand this lock to another replica.
+                    self._store.guard.metrics.replication_unconfirmed.inc()
+                    log.warning(
+                        "lock.replication_unconfirmed",
+                        provider=provider,
+                        user_id=user_id,
+                        replicas=int(acked),
+                    )
         return token if taken else None
 
     async def renew(self, provider: str, user_id: str, token: str, ttl: float) -> bool:

@@ -63,7 +63,8 @@ class Metrics:
         )
         self.replication_unconfirmed = Counter(
             "broker_replication_unconfirmed",
-            "Grant writes that fewer than min_replicas_to_ack replicas confirmed in time.",
+            "Grant writes and locks that fewer than min_replicas_to_ack replicas confirmed in "
+            "time.",
             registry=r,
         )
         self.grants_unreadable = Counter(

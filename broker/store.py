@@ -184,7 +184,7 @@ class Guard:
     """Turns any Redis failure into StoreUnavailable (503 with Retry-After), counted."""
 
     def __init__(self, metrics: Metrics, retry_after: int = 2) -> None:
-        self._metrics = metrics
+        self.metrics = metrics
         self._retry_after = retry_after
 
     @contextmanager
@@ -192,7 +192,7 @@ class Guard:
         try:
             yield
         except (RedisError, RedisClusterException) as err:
-            self._metrics.redis_errors.labels(operation).inc()
+            self.metrics.redis_errors.labels(operation).inc()
             raise StoreUnavailable(
                 f"Redis {operation} failed: {type(err).__name__}", retry_after=self._retry_after
             ) from err
@@ -261,7 +261,9 @@ class GrantStore:
         Idempotent under redis-py's retries: a write whose reply was lost and that is sent
         again recognises itself (its ciphertext is unique) and counts as written. With
         ``min_replicas_to_ack``, ``WAIT`` goes in the same pipeline, so on the connection that
-        made the write: ``WAIT`` on another connection would confirm nothing.
+        made the write: ``WAIT`` waits for the replication offset of its own connection's last
+        command, and on another connection that may be older than this write (a false
+        confirmation).
         """
         blob = self._keyring.encrypt(grant.to_payload(), grant_aad(grant.provider, grant.user_id))
         keys = [self.keys.grant_key(grant.provider, grant.user_id)]

@@ -135,6 +135,33 @@ async def test_a_waiting_caller_returns_as_soon_as_a_fresh_token_is_stored(
     assert await store.redis.get(store.keys.lock_key("dev", "u")) == other.encode()  # still busy
 
 
+async def test_a_waiting_caller_gets_the_holders_failure_without_waiting_it_out(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """The holder's refresh failed and left the token expired: the waiting caller answers 503 at
+    once instead of waiting out lock_wait_timeout to fail the same way."""
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
+    await broker.import_grant("u", refresh_token="rt", access_token="at-old", expires_in=10)
+    broker.clock.advance(20)  # expired
+    store = broker.app[STORE]
+    other = await LockStore(store).acquire("dev", "u", 30)  # another replica's refresh
+    assert other is not None
+    reads = await reads_of(store)
+    call = asyncio.create_task(broker.token("u"))
+    await until_reads(store, reads + 3)
+    current = await store.read("dev", "u")
+    assert current is not None
+    failed = current.with_failure(
+        "http_500", broker.clock(), final=False, failing_after=3, retry_at=broker.clock() + 5
+    )
+    assert await store.write(failed, current.version)
+    written_at = time.monotonic()
+    status, body = await call
+    assert (status, body["code"]) == (503, "upstream_unavailable")
+    assert time.monotonic() - written_at < 1.0  # not lock_wait_timeout (20 s)
+    assert provider.refresh_requests == 0
+
+
 async def test_min_ttl_is_met_whenever_the_providers_lifetime_allows_it(
     broker: Broker, provider: DevProvider
 ) -> None:
