@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -27,6 +27,17 @@ log = structlog.get_logger(__name__)
 POLL_FIRST = 0.02
 POLL_MAX = 0.25
 RENEW_RETRY = 0.5  # after a failed renewal (Redis unreachable), try again this soon
+
+
+class LockBusy(UpstreamUnavailable):
+    """Another holder has the lock for ``busy_for`` more seconds at most (its expiry)."""
+
+    def __init__(self, busy_for: float) -> None:
+        super().__init__(
+            "a refresh of this grant is in progress elsewhere; try again",
+            retry_after=max(1, round(busy_for)),
+        )
+        self.busy_for = busy_for
 
 
 class LockLost(UpstreamUnavailable):
@@ -49,8 +60,9 @@ class LockStore:
         self._renew = redis.register_script(script("lock_renew.lua"))
         self._release = redis.register_script(script("lock_release.lua"))
 
-    async def acquire(self, provider: str, user_id: str, ttl: float) -> str | None:
-        """An owner token if we took the lock, else None; never blocks. With
+    async def acquire(self, provider: str, user_id: str, ttl: float) -> str | float:
+        """An owner token if we took the lock, else the seconds the holder's lock has left;
+        never blocks. With
         ``min_replicas_to_ack`` the lock is replicated before we rely on it (``WAIT`` on the
         same connection), so a failover right after cannot hand it to another replica; a lock
         the replicas did not confirm in time is used anyway, logged and counted."""
@@ -65,7 +77,7 @@ class LockStore:
                 await self._acquire(keys=keys, args=args, client=pipe)
                 pipe.execute_command("WAIT", self._min_replicas, int(self._ack_timeout * 1000))
                 taken, acked = await pipe.execute()
-                if taken and int(acked) < self._min_replicas:
+                if int(taken) == 1 and int(acked) < self._min_replicas:
                     # Used anyway (refusing would stop every refresh while a replica is down),
                     # but counted: a failover now could hand this lock to another replica.
                     self._store.guard.metrics.replication_unconfirmed.inc()
@@ -75,7 +87,7 @@ class LockStore:
                         user_id=user_id,
                         replicas=int(acked),
                     )
-        return token if taken else None
+        return token if int(taken) == 1 else -int(taken) / 1000
 
     async def renew(self, provider: str, user_id: str, token: str, ttl: float) -> bool:
         with self._store.guard("lock"):
@@ -96,6 +108,9 @@ class HeldLock:
     token: str
     valid_until: float  # monotonic; the lock is certainly ours until then
     lost: bool = False
+    finished: bool = False  # its holder is done: stop renewing
+    acquired_at: float = field(default_factory=time.monotonic)
+    stage: str = "acquired"  # what the holder is doing: told when a hold lasts too long
 
     def remaining(self) -> float:
         return 0.0 if self.lost else self.valid_until - time.monotonic()
@@ -119,21 +134,19 @@ class GrantLocks:
     ) -> HeldLock | None:
         """Take the lock, waiting up to ``wait`` (default ``lock_wait_timeout``) for its holder;
         None as soon as ``until()`` says the wait is no longer needed (checked between polls:
-        the holder may have stored what we wanted). LockLost-like UpstreamUnavailable when the
-        wait runs out."""
+        the holder may have stored what we wanted). LockBusy when the wait runs out (at once
+        with ``wait=0``), with how long the holder's lock can last."""
         deadline = time.monotonic() + (self.wait_timeout if wait is None else wait)
         poll = POLL_FIRST
         while True:
             sent = time.monotonic()
             token = await self._store.acquire(provider, user_id, self.ttl)
-            if token is not None:
+            if isinstance(token, str):
                 return HeldLock(provider, user_id, token, sent + self.ttl)
+            if time.monotonic() + poll > deadline:
+                raise LockBusy(token)
             if until is not None and await until():
                 return None
-            if time.monotonic() + poll > deadline:
-                raise UpstreamUnavailable(
-                    "a refresh of this grant is in progress elsewhere; try again", retry_after=1
-                )
             await asyncio.sleep(poll)
             poll = min(poll * 2, POLL_MAX)
 
@@ -162,10 +175,24 @@ class GrantLocks:
             raise LockLost()
 
     async def keep_renewed(self, held: HeldLock) -> None:
-        """Renew every quarter of the lock's lifetime until cancelled or lost."""
+        """Renew every quarter of the lock's lifetime until the holder is finished (see
+        ``stop_renewing``) or the lock is lost."""
         delay = self.ttl / 4
-        while not held.lost:
+        warned = False
+        while not (held.lost or held.finished):
             await asyncio.sleep(delay)
+            if held.finished:
+                return
+            held_for = time.monotonic() - held.acquired_at
+            if held_for > self.ttl and not warned:
+                warned = True  # a hold longer than a whole lock_ttl: something is stuck
+                log.error(
+                    "lock.held_long",
+                    provider=held.provider,
+                    user_id=held.user_id,
+                    stage=held.stage,
+                    held_for=round(held_for, 1),
+                )
             try:
                 if not await self.renew(held):
                     return
@@ -173,6 +200,15 @@ class GrantLocks:
             except StoreUnavailable:
                 log.warning("lock.renew_failed", provider=held.provider, user_id=held.user_id)
                 delay = min(RENEW_RETRY, self.ttl / 4)
+
+    @staticmethod
+    async def stop_renewing(held: HeldLock, renewer: asyncio.Task[None]) -> None:
+        """End a ``keep_renewed`` task. The flag, not only the cancellation, ends its loop:
+        on Python 3.11 a cancellation that races a timeout inside redis-py can be swallowed
+        (``asyncio.wait_for``), and a renewer that survived it would hold the lock forever."""
+        held.finished = True
+        renewer.cancel()
+        await asyncio.gather(renewer, return_exceptions=True)
 
     async def release(self, held: HeldLock) -> None:
         if held.lost:
@@ -191,6 +227,5 @@ class GrantLocks:
         try:
             yield held
         finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            await self.stop_renewing(held, renewer)
             await self.release(held)

@@ -36,7 +36,7 @@ from broker.errors import (
 )
 from broker.failures import Failures
 from broker.issued import IssuedWriter
-from broker.locks import GrantLocks, HeldLock, LockLost
+from broker.locks import GrantLocks, HeldLock, LockBusy, LockLost
 from broker.metrics import Metrics
 from broker.models import Grant, TokenSet, refresh_due_at
 from broker.oauth import OAuthClient
@@ -55,6 +55,7 @@ class _Flight:
     task: asyncio.Task[Grant]
     result: asyncio.Future[Grant]  # set early when the new tokens' write is delayed
     min_ttl: float
+    background: bool  # the scheduler's: gives way to a busy lock at once (LockBusy)
 
 
 class Refresher:
@@ -121,7 +122,13 @@ class Refresher:
             if fresh_enough(grant, min_ttl, self.clock()):
                 return grant
             flight = self._flight(provider, user_id, min_ttl, "on_demand")
-            grant = await asyncio.shield(flight.result)
+            try:
+                grant = await asyncio.shield(flight.result)
+            except LockBusy:
+                if not flight.background:
+                    raise
+                grant = await self._read(provider, user_id)  # a scheduled one gave way
+                continue
             if flight.min_ttl >= min_ttl:
                 break
         if grant.valid_for(self.clock()) <= 0:
@@ -145,7 +152,8 @@ class Refresher:
         if flight is None:
             result: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
             task = asyncio.create_task(self._refresh(provider, user_id, min_ttl, trigger, result))
-            flight = _Flight(task, result, min_ttl if trigger == "on_demand" else 0.0)
+            background = trigger in ("scheduled", "probe")
+            flight = _Flight(task, result, 0.0 if background else min_ttl, background)
             self._inflight[key] = flight
             task.add_done_callback(lambda t: self._landed(key, flight))
         return flight
@@ -210,14 +218,19 @@ class Refresher:
             first_seen.append(grant.version)
             return grant.state == "refresh_failing" and grant.version != first_seen[0]
 
-        # The scheduler never waits for a busy lock: its holder is refreshing already.
+        # The scheduler never waits for a busy lock: its holder is refreshing already, and the
+        # scheduler tries again when that lock can have expired at the latest (LockBusy).
         background = trigger in ("scheduled", "probe")
         try:
-            wait = 0.0 if background else None
-            held = await self.locks.acquire(provider, user_id, wait=wait, until=no_longer_needed)
-        except UpstreamUnavailable:
+            if background:
+                held = await self.locks.acquire(provider, user_id, wait=0.0)
+            else:
+                held = await self.locks.acquire(provider, user_id, until=no_longer_needed)
+        except LockBusy:
+            if background:
+                raise
             grant = await self._read(provider, user_id)
-            if background or grant.valid_for(self.clock()) > 0:
+            if grant.valid_for(self.clock()) > 0:
                 return grant  # a still-valid token beats an error
             raise
         if held is None:
@@ -234,8 +247,7 @@ class Refresher:
                     return grant
                 raise
         finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            await self.locks.stop_renewing(held, renewer)
             await self.locks.release(held)
 
     async def _refresh_locked(
@@ -245,19 +257,24 @@ class Refresher:
         breaker = self.breakers[grant.provider]
         # The lock must stay ours through the call and the write of its result: another
         # replica presenting this refresh token meanwhile would be a reuse.
+        held.stage = "ensure"
         await self.locks.ensure(held, self.policy.call_budget)
+        held.stage = "breaker"
         if not breaker.allow():
             return await self._failures.circuit_open(grant, breaker, trigger)
         started, requested_at = time.perf_counter(), self.clock()
+        held.stage = "provider_call"
         try:
             tokens = await self._oauth.refresh(settings, grant.refresh_token)
         except ProviderRejected as err:
             breaker.record_success()
             self._count(grant, "rejected", trigger, started)
+            held.stage = "record_rejection"
             return await self._failures.rejected(grant, err, trigger)
         except ProviderUnavailable as err:
             breaker.record_failure(err.reason)
             self._count(grant, "transient", trigger, started)
+            held.stage = "record_failure"
             return await self._failures.transient(grant, err, trigger)
         except BaseException:
             breaker.release_probe()
@@ -271,6 +288,7 @@ class Refresher:
             if not result.done():
                 result.set_result(new)
 
+        held.stage = "write"
         outcome = await self.issued.write(new, grant.version, on_delay=answer_early)
         log.info(
             "refresh.succeeded",

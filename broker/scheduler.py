@@ -37,16 +37,18 @@ from broker.errors import (
     StoreUnavailable,
     Unavailable,
 )
+from broker.locks import LockBusy
 from broker.metrics import Metrics
 from broker.reconcile import IndexReconciler
 from broker.refresh import Refresher
+from broker.schedule import ScheduleIndex
 from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
 
 STATS_INTERVAL = 5.0
 STORE_ERROR_PAUSE = 1.0
-BUSY_RETRY_MIN = 0.2
+BUSY_MARGIN = 0.05  # after a busy lock's expiry, so the next claim finds it free
 UNREADABLE_RETRY = 3600.0  # a record that fails decryption waits for an operator (key restore)
 
 
@@ -205,13 +207,15 @@ class Scheduler:
             self._busy[provider] -= 1
 
     async def _refresh(self, provider: str, user_id: str, lease: float) -> None:
-        renewer = asyncio.create_task(self._keep_lease(provider, user_id, lease))
+        keeper = LeaseKeeper(
+            self._schedule, provider, user_id, lease, self._policy.lease, self._clock
+        )
         try:
             grant = await self._refresher.refresh_due(provider, user_id)
             if grant.next_refresh_at is not None:
                 # Skipped (not due after all, refreshed elsewhere, circuit open): our lease must
                 # not stand in for the real due time. A write that rescheduled it already wins.
-                held, now = await renewer_score(renewer, lease), self._clock()
+                held, now = await keeper.stop(), self._clock()
                 to = grant.next_refresh_at
                 if to <= now:  # overdue and still not refreshed: not again at once
                     to = now + self._retry_after(provider)
@@ -219,14 +223,19 @@ class Scheduler:
         except (ReauthRequired, GrantNotFound):
             # The write (or delete) normally took it off the schedule; if that update was
             # lost, this stale entry would come due every lease: drop it (if still ours).
-            await self._schedule.move_lease(
-                provider, user_id, await renewer_score(renewer, lease), None
-            )
+            await self._schedule.move_lease(provider, user_id, await keeper.stop(), None)
+        except LockBusy as err:
+            # Being refreshed elsewhere (or a dead replica's lock running out): look again
+            # when that lock has expired at the latest, not at every tick.
+            held = await keeper.stop()
+            to = self._clock() + err.busy_for + BUSY_MARGIN
+            with contextlib.suppress(StoreUnavailable):
+                await self._schedule.move_lease(provider, user_id, held, to)
         except GrantUnreadable:
             log.error(
                 "security.grant_unreadable", provider=provider, user_id=user_id, trigger="scheduled"
             )
-            held = await renewer_score(renewer, lease)
+            held = await keeper.stop()
             await self._schedule.move_lease(
                 provider, user_id, held, self._clock() + UNREADABLE_RETRY
             )
@@ -238,9 +247,7 @@ class Scheduler:
             )
             retry = self._clock() + max(err.retry_after, self._retry_after(provider))
             with contextlib.suppress(StoreUnavailable):
-                await self._schedule.move_lease(
-                    provider, user_id, await renewer_score(renewer, lease), retry
-                )
+                await self._schedule.move_lease(provider, user_id, await keeper.stop(), retry)
         except BrokerError as err:
             log.info(
                 "scheduler.refresh_deferred", provider=provider, user_id=user_id, problem=err.code
@@ -248,41 +255,23 @@ class Scheduler:
         except asyncio.CancelledError:
             # Shutdown ran out of drain time: hand the claim back so another replica takes it
             # now (the refresh itself, if it reached the provider, still finishes and writes).
-            held = await renewer_score(renewer, lease)
+            held = await keeper.stop()
             with contextlib.suppress(StoreUnavailable):
                 await self._schedule.move_lease(provider, user_id, held, self._clock())
             raise
         except Exception:
             log.exception("scheduler.refresh_crashed", provider=provider, user_id=user_id)
         finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            await keeper.stop()
             self._busy[provider] -= 1
 
     def _retry_after(self, provider: str) -> float:
         """The soonest an overdue grant that was skipped is worth claiming again: after the
-        next probe while its provider's circuit is open; otherwise its lock was busy (another
-        replica refreshing it, or a dead one's lock running out), so again shortly."""
+        next probe while its provider's circuit is open, after one lease otherwise."""
         breaker = self._refresher.breakers[provider]
         if breaker.state == "closed":
-            return min(self._policy.lease, max(2 * self._policy.tick, BUSY_RETRY_MIN))
+            return self._policy.lease
         return max(self._policy.lease, breaker.retry_after())
-
-    async def _keep_lease(self, provider: str, user_id: str, lease: float) -> float:
-        """Renew the claim every third of its length while the refresh runs; returns the
-        lease score currently held (via the task's cancellation, see ``renewer_score``)."""
-        try:
-            while True:
-                await asyncio.sleep(self._policy.lease / 3)
-                renewed = self._clock() + self._policy.lease
-                try:
-                    if not await self._schedule.move_lease(provider, user_id, lease, renewed):
-                        return lease  # rescheduled by a write: nothing left to hold
-                except StoreUnavailable:
-                    continue
-                lease = renewed
-        except asyncio.CancelledError:
-            return lease
 
     async def _update_stats(self) -> None:
         now = self._clock()
@@ -303,12 +292,48 @@ class Scheduler:
         self.lag = lag
 
 
-async def renewer_score(renewer: asyncio.Task[float], initial: float) -> float:
-    """The lease score the renewer holds now (it returns it when cancelled)."""
-    if renewer.done():
-        return renewer.result() if not renewer.cancelled() else initial
-    renewer.cancel()
-    try:
-        return await renewer
-    except asyncio.CancelledError:
-        return initial
+class LeaseKeeper:
+    """Renews a claim every third of its length while its refresh runs, and knows the score
+    it holds. ``stop`` ends it by a flag as well as by cancellation (a cancellation racing a
+    timeout inside redis-py can be swallowed on Python 3.11)."""
+
+    def __init__(
+        self,
+        schedule: ScheduleIndex,
+        provider: str,
+        user_id: str,
+        score: float,
+        length: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._schedule = schedule
+        self._provider = provider
+        self._user_id = user_id
+        self.score = score
+        self._length = length
+        self._clock = clock
+        self._stopped = False
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(self._length / 3)
+            if self._stopped:
+                return
+            renewed = self._clock() + self._length
+            try:
+                moved = await self._schedule.move_lease(
+                    self._provider, self._user_id, self.score, renewed
+                )
+            except StoreUnavailable:
+                continue
+            if not moved:
+                return  # rescheduled by a write: nothing left to hold
+            self.score = renewed
+
+    async def stop(self) -> float:
+        """Stop renewing; the score held now."""
+        self._stopped = True
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        return self.score
