@@ -6,13 +6,16 @@ import asyncio
 import html
 import json
 import re
-from importlib import resources
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import BaseModel
 
+from broker import schemas
 from broker.auth import authorize
 from broker.authorize import AuthorizationService
 from broker.config import Settings
@@ -21,9 +24,12 @@ from broker.errors import BrokerError, InvalidRequest, InvalidState, ProviderNot
 from broker.grants import GrantImport, GrantService
 from broker.metrics import Metrics
 from broker.middlewares import client_of
-from broker.models import MAX_SCOPE_CHARS, MAX_TOKEN_CHARS, iso, validate_user_id
+from broker.models import iso, validate_user_id
+from broker.openapi import document
 from broker.refresh import Refresher
+from broker.routes import OPERATIONS, Limits
 from broker.scheduler import Scheduler
+from broker.schemas import GrantStatus, ReadinessCheck, Token
 from broker.store import GrantStore
 
 audit = structlog.get_logger("broker.audit")
@@ -39,7 +45,6 @@ STOPPING = web.AppKey("stopping", asyncio.Event)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 AUTHORIZATIONS = web.AppKey("authorizations", AuthorizationService)
 
-MAX_EXPIRES_IN = 366 * 86400
 BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 # The browser-facing callback: nothing cached, no referrer (its URL held a code), no framing,
@@ -79,31 +84,40 @@ async def get_token(request: web.Request) -> web.Response:
     assert grant.access_expires_at is not None
     request.app[METRICS].token_handouts.labels(provider, client.name).inc()
     audit.info("token.handout", client=client.name, provider=provider, user_id=user_id)
-    now = _now(request)
-    body = {
-        "access_token": grant.access_token,
-        "token_type": grant.token_type,
-        "expires_at": iso(grant.access_expires_at),
-        "expires_in": max(0, int(grant.access_expires_at - now)),
-        "scope": grant.scope,
-    }
-    return web.json_response(body, headers=NO_STORE)
+    expires_at = grant.access_expires_at
+    answer = Token(
+        access_token=grant.access_token,
+        token_type=grant.token_type,
+        expires_at=_iso(expires_at),
+        expires_in=max(0, int(expires_at - _now(request))),
+        scope=grant.scope,
+    )
+    return _answer(answer)
 
 
 async def put_grant(request: web.Request) -> web.Response:
     provider, user_id = grant_path(request)
     authorize(client_of(request), "grants:write", provider)
     request.app[REFRESHER].provider(provider)
-    body = _grant_import(await _json_object(request))
-    grant, created = await request.app[GRANTS].import_grant(provider, user_id, body)
-    return web.json_response(grant.status(), status=201 if created else 200, headers=NO_STORE)
+    body = schemas.GrantImport.parse(await _json_object(request))
+    grant, created = await request.app[GRANTS].import_grant(
+        provider,
+        user_id,
+        GrantImport(
+            refresh_token=body.refresh_token,
+            access_token=body.access_token,
+            expires_in=body.expires_in,
+            scope=body.scope,
+        ),
+    )
+    return _answer(GrantStatus.model_validate(grant.status()), status=201 if created else 200)
 
 
 async def get_grant(request: web.Request) -> web.Response:
     provider, user_id = grant_path(request)
     authorize(client_of(request), "grants:read", provider)
     grant = await request.app[GRANTS].status(provider, user_id)
-    return web.json_response(grant.status(), headers=NO_STORE)
+    return _answer(GrantStatus.model_validate(grant.status()))
 
 
 async def delete_grant(request: web.Request) -> web.Response:
@@ -117,14 +131,17 @@ async def start_authorization(request: web.Request) -> web.Response:
     provider = request.match_info["provider"]
     authorize(client_of(request), "grants:write", provider)
     request.app[REFRESHER].provider(provider)
-    user_id, redirect_after, scope = _authorization_request(await _json_object(request))
-    started = await request.app[AUTHORIZATIONS].start(provider, user_id, redirect_after, scope)
-    body = {
-        "authorization_url": started.authorization_url,
-        "state": started.state,
-        "expires_at": iso(started.expires_at),
-    }
-    return web.json_response(body, status=201, headers=NO_STORE)
+    body = schemas.AuthorizationRequest.parse(await _json_object(request))
+    user_id = validate_user_id(body.user_id)  # after the fields' own checks, as always
+    started = await request.app[AUTHORIZATIONS].start(
+        provider, user_id, body.redirect_after, body.scope
+    )
+    answer = schemas.Authorization(
+        authorization_url=started.authorization_url,
+        state=started.state,
+        expires_at=_iso(started.expires_at),
+    )
+    return _answer(answer, status=201)
 
 
 async def oauth_callback(request: web.Request) -> web.Response:
@@ -197,27 +214,27 @@ line-height:1.5;color:#222}}small{{color:#666}}</style>
 
 
 async def healthz(_: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return _answer(schemas.Health(status="ok"), headers=None)
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks: dict[str, dict[str, Any]] = {}
+    checks: dict[str, ReadinessCheck] = {}
     try:
         latency = await request.app[STORE].ping()
-        checks["redis"] = {"ok": True, "latency_ms": round(latency, 2)}
+        checks["redis"] = ReadinessCheck(ok=True, latency_ms=round(latency, 2))
     except BrokerError as err:
-        checks["redis"] = {"ok": False, "detail": err.detail}
-    checks["encryption_keys"] = {"ok": True, "keys": len(request.app[KEYRING].key_ids)}
+        checks["redis"] = ReadinessCheck(ok=False, detail=err.detail)
+    checks["encryption_keys"] = ReadinessCheck(ok=True, keys=len(request.app[KEYRING].key_ids))
     if SCHEDULER in request.app:
         scheduler = request.app[SCHEDULER]
-        checks["scheduler"] = {"ok": scheduler.running, "lag_seconds": round(scheduler.lag, 3)}
+        checks["scheduler"] = ReadinessCheck(
+            ok=scheduler.running, lag_seconds=round(scheduler.lag, 3)
+        )
     if request.app[STOPPING].is_set():
-        checks["shutdown"] = {"ok": False, "detail": "shutting down"}
-    ready = all(check["ok"] for check in checks.values())
-    return web.json_response(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status=200 if ready else 503,
-    )
+        checks["shutdown"] = ReadinessCheck(ok=False, detail="shutting down")
+    ready = all(check.ok for check in checks.values())
+    answer = schemas.Readiness(status="ready" if ready else "not_ready", checks=checks)
+    return _answer(answer, status=200 if ready else 503, headers=None)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -227,29 +244,44 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-_OPENAPI = resources.files("broker").joinpath("openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The contract with this instance's limits (``min_ttl``'s default and maximum, ...)."""
+    body = document(Limits.of(request.app[SETTINGS]))
+    return web.Response(body=body, content_type="application/json")
 
 
-async def openapi(_: web.Request) -> web.Response:
-    return web.Response(body=_OPENAPI.read_bytes(), content_type="application/json")
+HANDLERS: dict[str, Handler] = {
+    "getToken": get_token,
+    "importGrant": put_grant,
+    "getGrant": get_grant,
+    "deleteGrant": delete_grant,
+    "startAuthorization": start_authorization,
+    "oauthCallback": oauth_callback,
+    "healthz": healthz,
+    "readyz": readyz,
+    "metrics": metrics,
+    "openapi": openapi,
+}
 
 
 def add_routes(app: web.Application) -> None:
-    grant = r"/v1/grants/{provider:[^/]+}/{user_id:[^/]*}"
-    app.router.add_get(r"/v1/tokens/{provider:[^/]+}/{user_id:[^/]*}", get_token, allow_head=False)
-    app.router.add_put(grant, put_grant)
-    app.router.add_get(grant, get_grant, allow_head=False)
-    app.router.add_delete(grant, delete_grant)
-    app.router.add_post(r"/v1/authorizations/{provider:[^/]+}", start_authorization)
-    app.router.add_get(r"/oauth/{provider:[^/]+}/callback", oauth_callback, allow_head=False)
-    app.router.add_get("/healthz", healthz, allow_head=False)
-    app.router.add_get("/readyz", readyz, allow_head=False)
-    app.router.add_get("/metrics", metrics, allow_head=False)
-    app.router.add_get("/openapi.json", openapi, allow_head=False)
+    """One route per row of the route table (``broker.routes``), which the document is built
+    from; a row without a handler, or a handler without a row, stops start-up."""
+    missing = {op.operation_id for op in OPERATIONS} ^ set(HANDLERS)
+    if missing:
+        raise RuntimeError(f"route table and handlers disagree on: {', '.join(sorted(missing))}")
+    for op in OPERATIONS:
+        app.router.add_route(op.method, op.path, HANDLERS[op.operation_id])
 
 
 def _now(request: web.Request) -> float:
     return request.app[REFRESHER].clock()
+
+
+def _iso(ts: float) -> str:
+    text = iso(ts)
+    assert text is not None
+    return text
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -259,6 +291,20 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
     if not re.fullmatch(r"\d{1,7}", raw) or not low <= int(raw) <= high:
         raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
     return int(raw)
+
+
+def _answer(
+    model: BaseModel, status: int = 200, headers: Mapping[str, str] | None = NO_STORE
+) -> web.Response:
+    """A JSON answer from its model, unset optional fields left out. ``json.dumps``, not
+    pydantic's serializer, which refuses lone surrogates: a token a provider sent with an
+    escaped one is handed out as it came, as it always was."""
+    return web.Response(
+        text=json.dumps(model.model_dump(exclude_unset=True)),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -271,48 +317,3 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body
-
-
-def _authorization_request(body: dict[str, Any]) -> tuple[str, str, str | None]:
-    unknown = set(body) - {"user_id", "redirect_after", "scope"}
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    user_id = body.get("user_id")
-    if not isinstance(user_id, str):
-        raise InvalidRequest("user_id is required: a string")
-    redirect_after = body.get("redirect_after")
-    if not isinstance(redirect_after, str) or not redirect_after:
-        raise InvalidRequest("redirect_after is required: a URL in the redirect allow-list")
-    scope = body.get("scope")
-    if scope is not None and not isinstance(scope, str):
-        raise InvalidRequest("scope must be a string")
-    return validate_user_id(user_id), redirect_after, scope
-
-
-def _grant_import(body: dict[str, Any]) -> GrantImport:
-    unknown = set(body) - {"refresh_token", "access_token", "expires_in", "scope"}
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    refresh = body.get("refresh_token")
-    if not isinstance(refresh, str) or not refresh or len(refresh) > MAX_TOKEN_CHARS:
-        raise InvalidRequest("refresh_token is required: a non-empty string")
-    access = body.get("access_token")
-    if access is not None and (
-        not isinstance(access, str) or not access or len(access) > MAX_TOKEN_CHARS
-    ):
-        raise InvalidRequest("access_token must be a non-empty string")
-    expires_in = body.get("expires_in")
-    if expires_in is not None and (
-        isinstance(expires_in, bool)
-        or not isinstance(expires_in, int)
-        or not 1 <= expires_in <= MAX_EXPIRES_IN
-    ):
-        raise InvalidRequest(f"expires_in must be an integer from 1 to {MAX_EXPIRES_IN}")
-    if expires_in is not None and access is None:
-        raise InvalidRequest("expires_in describes an access_token; send both or neither")
-    scope = body.get("scope")
-    if scope is not None and (not isinstance(scope, str) or len(scope) > MAX_SCOPE_CHARS):
-        raise InvalidRequest("scope must be a string")
-    return GrantImport(
-        refresh_token=refresh, access_token=access, expires_in=expires_in, scope=scope
-    )

@@ -1,8 +1,10 @@
-"""The ``broker`` command: serve, demo, keygen, apikey, check-config."""
+"""The ``broker`` command: serve, demo, keygen, apikey, check-config, openapi,
+config-schema."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -53,6 +55,17 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--verbose", "-v", action="store_true", help="show broker's own logs")
     commands.add_parser("keygen", help="print a new encryption key for BROKER_ENCRYPTION_KEYS")
     commands.add_parser("apikey", help="print a new client API key and its key_sha256")
+    commands.add_parser(
+        "config-schema",
+        help="print the JSON Schema of broker.toml (top level, providers, clients)",
+    )
+    openapi = commands.add_parser(
+        "openapi",
+        help="print the OpenAPI document (broker/openapi.json is this, for default settings)",
+    )
+    openapi.add_argument(
+        "--config", "-c", help="TOML file: the document as that configuration serves it"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "keygen":
@@ -61,6 +74,16 @@ def main(argv: list[str] | None = None) -> None:
         key = new_api_key()
         print(f"api key (give it to the client; it is not stored): {key}")
         print(f'key_sha256 (put it in [[clients]]):               "{hash_key(key)}"')
+    elif args.command == "openapi":
+        from broker.openapi import default_limits, render
+        from broker.routes import Limits
+
+        limits = default_limits() if args.config is None else Limits.of(_settings(args.config))
+        sys.stdout.buffer.write(render(limits).encode("utf-8"))
+    elif args.command == "config-schema":
+        from broker.settings_docs import config_schema
+
+        print(json.dumps(config_schema(), indent=2))
     elif args.command == "check-config":
         settings = _settings(args.config)
         print(_summary(settings))

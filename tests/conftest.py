@@ -32,6 +32,8 @@ from broker.auth import hash_key, new_api_key
 from broker.config import Settings, build_settings
 from broker.devprovider import DevProvider, DevProviderSettings
 from broker.logs import configure_logging
+from broker.routes import Limits
+from tests.contract import CONTRACTS, check_answers, contract
 
 PROVIDER = "dev"
 ALL_PERMISSIONS = ["tokens:read", "grants:read", "grants:write"]
@@ -265,6 +267,7 @@ async def make_broker(provider: DevProvider) -> AsyncIterator[BrokerFactory]:
     callback built from it) is reachable by a real browser-like client.
     """
     clients: list[TestClient[Any, Any]] = []
+    origins: list[str] = []
 
     async def make(clock: Clock | None = None, **overrides: Any) -> Broker:
         clock = clock or Clock()
@@ -273,12 +276,19 @@ async def make_broker(provider: DevProvider) -> AsyncIterator[BrokerFactory]:
         SECRETS.add(provider.settings.client_secret)
         settings = broker_settings(provider, api_key_hash=hash_key(api_key), **overrides)
         app = create_app(settings, clock=clock)
-        client: TestClient[Any, Any] = TestClient(TestServer(app, port=settings.port or None))
+        client: TestClient[Any, Any] = TestClient(
+            TestServer(app, port=settings.port or None), middlewares=(check_answers,)
+        )
         await client.start_server()
         clients.append(client)
+        # every answer of this broker, to any client of the run, is checked against its document
+        origins.append(str(client.make_url("").origin()))
+        CONTRACTS[origins[-1]] = contract(Limits.of(settings))
         return Broker(client, api_key, settings, clock, app)
 
     yield make
+    for origin in origins:
+        CONTRACTS.pop(origin, None)
     for client in reversed(clients):
         await client.close()
 
@@ -328,7 +338,7 @@ async def landing() -> AsyncIterator[Landing]:
 @pytest.fixture
 async def browser() -> AsyncIterator[aiohttp.ClientSession]:
     """A real HTTP client that follows redirects, as the user's browser does."""
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(middlewares=(check_answers,)) as session:
         yield session
 
 

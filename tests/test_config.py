@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from broker.config import Settings, build_settings, load_settings, parse_encryption_keys
 from broker.errors import ConfigError
@@ -434,3 +436,75 @@ def test_a_bad_authorization_setting_is_named(raw: dict[str, Any], setting: str)
     with pytest.raises(ConfigError) as caught:
         build(raw)
     assert caught.value.setting == setting
+
+
+def test_a_bad_range_from_the_environment_is_named_by_its_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^BROKER_PORT: must be at most 65535"):
+        build(config(), {**KEYS_ENV, "BROKER_PORT": "70000"})
+    with pytest.raises(ConfigError, match=r"^BROKER_REDIRECT_ALLOWLIST: .*no user info"):
+        build(config(), {**KEYS_ENV, "BROKER_REDIRECT_ALLOWLIST": "https://u@app.example/"})
+
+
+def test_an_unknown_setting_is_named_before_the_problems_it_causes() -> None:
+    raw = config(
+        providers={"alfresco": {"token_url": "https://idp.example/token", "clientid": "b"}}
+    )
+    with pytest.raises(ConfigError, match=r"^providers\.alfresco\.clientid: unknown setting"):
+        build(raw)
+
+
+def test_a_client_without_a_name_is_named_by_its_position() -> None:
+    with pytest.raises(ConfigError, match=r"^clients\[1\]\.name: required"):
+        build(config(clients=[client(), {"key_sha256": "cd" * 32}]))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        config(encryption_keys=[]),
+        config(ephemeral_encryption_key=True),
+        config(providers={"alfresco": provider(name="other")}),
+    ],
+    ids=["encryption_keys", "ephemeral_encryption_key", "provider-name"],
+)
+def test_values_derived_at_load_time_cannot_be_configured(raw: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting$"):
+        build(raw)
+
+
+def test_encryption_keys_file_may_come_from_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "keys").write_text(f"k1:{B64_1}\n", encoding="utf-8")
+    environ = {"BROKER_ENCRYPTION_KEYS_FILE": "keys"}
+    settings = build_settings(config(redis_url="redis://r"), environ, base_dir=tmp_path)
+    assert settings.encryption_keys == (("k1", KEY_1),)
+    with pytest.raises(ConfigError, match=r"^BROKER_ENCRYPTION_KEYS_FILE: cannot read"):
+        build_settings(config(), {"BROKER_ENCRYPTION_KEYS_FILE": "absent"}, base_dir=tmp_path)
+
+
+def test_log_level_is_case_insensitive() -> None:
+    assert build(config(log_level="WARNING")).log_level == "warning"
+
+
+def test_settings_made_in_code_never_read_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BROKER_PORT", "9999")
+    assert Settings().port == 8080
+    assert build(config()).port == 8080  # only the environment given to build_settings counts
+
+
+def test_dataclasses_replace_and_fields_keep_working_on_settings() -> None:
+    """app.py, oauth.py and the deployment checks predate the models: replace() still copies
+    (and re-validates) settings, and fields() still lists them."""
+    settings = build(config(providers={"alfresco": provider(client_secret="cs")}))
+    alfresco = replace(settings.providers["alfresco"], token_url="https://other.example/token")
+    changed = replace(settings, scheduler_enabled=False, providers={"alfresco": alfresco})
+    assert not changed.scheduler_enabled
+    assert changed.encryption_keys == settings.encryption_keys
+    assert changed.providers["alfresco"].token_url == "https://other.example/token"
+    assert (
+        changed.providers["alfresco"].client_secret == settings.providers["alfresco"].client_secret
+    )
+    assert {"lock_ttl", "providers", "encryption_keys"} <= {f.name for f in fields(Settings)}
+    with pytest.raises(ValidationError):
+        replace(settings, lock_ttl=1)

@@ -1,0 +1,363 @@
+"""The route table: per operation, its method and path, who may call it, what it takes and what
+it answers, with the words clients read. ``api.add_routes`` registers a handler for each row and
+``broker.openapi`` builds the OpenAPI document from the rows, so neither can drift from the
+other. Nothing here imports aiohttp.
+
+Limits that are settings (``default_min_ttl``, ``max_min_ttl``, ``max_body_bytes``) appear in
+the document through :class:`Limits`, taken from the running settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from broker import schemas
+from broker.config import Settings
+from broker.schemas import ProblemCode
+
+__all__ = ["OPERATIONS", "Limits", "Operation", "Param", "Reply"]
+
+Permission = Literal["tokens:read", "grants:write", "grants:read"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The settings the contract shows."""
+
+    default_min_ttl: int
+    max_min_ttl: int
+    max_body_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(settings.default_min_ttl, settings.max_min_ttl, settings.max_body_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A query parameter; ``schema`` may depend on the running settings."""
+
+    name: str
+    description: str
+    schema: Mapping[str, Any] | Callable[[Limits], Mapping[str, Any]]
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A documented answer other than a problem: a JSON ``model``, or another ``media`` type
+    with its ``schema``, or no body; ``headers`` are names from the document's header
+    components (``X-Request-Id`` is on every answer)."""
+
+    description: str
+    model: type[BaseModel] | None = None
+    media: str = "application/json"
+    schema: Mapping[str, Any] | None = None
+    headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One route. ``path`` is aiohttp's pattern (``{user_id:[^/]*}``); ``permission`` None
+    means public, no API key. ``problems`` are the error codes it may answer besides those
+    every protected operation may (``unauthenticated``, ``forbidden``) and every operation
+    with a ``body`` may (``invalid_request``, ``payload_too_large``)."""
+
+    operation_id: str
+    method: str
+    path: str
+    tag: str
+    summary: str
+    description: str
+    permission: Permission | None
+    replies: Mapping[int, Reply]
+    problems: tuple[ProblemCode, ...] = ()
+    query: tuple[Param, ...] = ()
+    body: type[schemas.RequestBody] | None = None
+
+    def codes(self) -> tuple[ProblemCode, ...]:
+        """Every problem code this operation may answer."""
+        implied: list[ProblemCode] = []
+        if self.permission is not None:
+            implied += ["unauthenticated", "forbidden"]
+        if self.body is not None:
+            implied += ["invalid_request", "payload_too_large"]
+        return tuple(dict.fromkeys([*self.problems, *implied]))
+
+
+GRANT = r"/v1/grants/{provider:[^/]+}/{user_id:[^/]*}"
+NO_STORE = ("Cache-Control",)
+BROWSER = ("Cache-Control", "Referrer-Policy")
+HTML = {"type": "string"}
+
+
+def _min_ttl(limits: Limits) -> Mapping[str, Any]:
+    return {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": limits.max_min_ttl,
+        "default": limits.default_min_ttl,
+    }
+
+
+def _query(name: str, description: str) -> Param:
+    return Param(name, description, {"type": "string"})
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        operation_id="getToken",
+        method="GET",
+        path=r"/v1/tokens/{provider:[^/]+}/{user_id:[^/]*}",
+        tag="tokens",
+        summary="Get a current access token for a user",
+        description="Returns an access token that stays valid for at least `min_ttl` seconds, "
+        "so a client never handles refresh tokens: refresh tokens never leave the broker. If "
+        "the held token would expire sooner, the broker refreshes it first. There is one "
+        "refresh per grant at a time across all replicas (a distributed lock): concurrent "
+        "callers, on any replica, wait for that refresh and share its result, so a rotating "
+        "refresh token is never used twice.\n\n"
+        "If the held token is below `min_ttl` but still valid and the provider is unavailable "
+        "(or the refresh lock is held by a stuck replica), the broker returns the still-valid "
+        "token rather than an error; check `expires_in`. `503 upstream_unavailable` is returned "
+        "only when the token is expired and cannot be refreshed now. `409 reauth_required` "
+        "means the provider rejected the refresh token and a user must authorize again.\n\n"
+        "Every token handed out is written to the audit log (client, provider, user id, request "
+        "id; never the token). The response carries `Cache-Control: no-store`.",
+        permission="tokens:read",
+        query=(
+            Param(
+                "min_ttl",
+                "Seconds the returned token must stay valid at least; the broker refreshes "
+                "first if the held token would not. `0` accepts any unexpired token. The "
+                "default and the maximum are the `default_min_ttl` and `max_min_ttl` settings.",
+                _min_ttl,
+            ),
+        ),
+        replies={200: Reply("A current access token.", schemas.Token, headers=NO_STORE)},
+        problems=(
+            "invalid_request",
+            "provider_not_found",
+            "grant_not_found",
+            "reauth_required",
+            "grant_unreadable",
+            "upstream_unavailable",
+            "store_unavailable",
+        ),
+    ),
+    Operation(
+        operation_id="importGrant",
+        method="PUT",
+        path=GRANT,
+        tag="grants",
+        summary="Import a refresh token as a user's grant",
+        description="Stores a refresh token obtained elsewhere (migration, tests) as the grant "
+        "for this provider and user id, replacing any existing one. Without an `access_token` "
+        "the broker refreshes at once to validate the refresh token: if the provider rejects it "
+        "the answer is `422 invalid_refresh_token` and nothing is stored; if the provider is "
+        "unreachable, `503 upstream_unavailable`. The tokens are stored encrypted and never "
+        "returned; the answer is the grant status.",
+        permission="grants:write",
+        body=schemas.GrantImport,
+        replies={
+            200: Reply("An existing grant was replaced.", schemas.GrantStatus, headers=NO_STORE),
+            201: Reply("A new grant was stored.", schemas.GrantStatus, headers=NO_STORE),
+        },
+        problems=(
+            "provider_not_found",
+            "invalid_refresh_token",
+            "grant_unreadable",
+            "upstream_unavailable",
+            "store_unavailable",
+        ),
+    ),
+    Operation(
+        operation_id="getGrant",
+        method="GET",
+        path=GRANT,
+        tag="grants",
+        summary="Get a user's grant status",
+        description="Shows what the broker holds for this provider and user id — state, scope, "
+        "expiry, refresh schedule and history — never a secret. Use it to see whether a user "
+        "must authorize again (`state: reauth_required`) or refreshes are failing "
+        "(`state: refresh_failing`).",
+        permission="grants:read",
+        replies={200: Reply("The grant status.", schemas.GrantStatus, headers=NO_STORE)},
+        problems=(
+            "invalid_request",
+            "provider_not_found",
+            "grant_not_found",
+            "grant_unreadable",
+            "store_unavailable",
+        ),
+    ),
+    Operation(
+        operation_id="deleteGrant",
+        method="DELETE",
+        path=GRANT,
+        tag="grants",
+        summary="Revoke and delete a user's grant",
+        description="Revokes the refresh token at the provider (RFC 7009) when the provider has "
+        "a `revocation_url` (best effort: a failed revocation does not stop the deletion), then "
+        "deletes the grant. The `Broker-Revocation` header tells what happened at the provider. "
+        "A grant whose stored record is unreadable is deleted without revocation (`skipped`) so "
+        "operators can clear it.",
+        permission="grants:write",
+        replies={204: Reply("The grant was deleted.", headers=("Broker-Revocation",))},
+        problems=(
+            "invalid_request",
+            "provider_not_found",
+            "grant_not_found",
+            "upstream_unavailable",
+            "store_unavailable",
+        ),
+    ),
+    Operation(
+        operation_id="startAuthorization",
+        method="POST",
+        path=r"/v1/authorizations/{provider:[^/]+}",
+        tag="authorizations",
+        summary="Start an authorization-code flow for a user",
+        description="Creates a single-use `state` (32 random bytes; valid for "
+        "`authorization_ttl`, 10 minutes by default) and returns the provider's authorize URL "
+        "to send the user's browser to. The URL carries `response_type=code`, `client_id`, "
+        "`redirect_uri` (`{public_url}/oauth/{provider}/callback`), `scope` (the client's, or "
+        "the provider's configured `scopes` when absent; the provider's `required_scopes` are "
+        "always added), `state` and PKCE (`code_challenge`, `code_challenge_method=S256`) "
+        "unless the provider disables PKCE (`pkce = false`). The broker stores only the SHA-256 "
+        "of the state, and the pending authorization (user id, scope, `redirect_after`, PKCE "
+        "verifier) encrypted.\n\n"
+        "`redirect_after` must match an entry of the broker's `redirect_allowlist` or the "
+        "provider's: the same scheme, host and port, and a path equal to or below the entry's "
+        "path (`https://app.example/done` allows `/done` and `/done/x`, not `/donezo`). "
+        "Relative URLs, user info, backslashes, whitespace, control and non-ASCII characters, "
+        "`%` in the host, empty path segments and dot segments or slashes (also "
+        "percent-encoded) are refused with `400 invalid_request`, and nothing is stored. Its "
+        "own query and fragment are kept. When the user comes back, "
+        "`GET /oauth/{provider}/callback` stores the grant and redirects to `redirect_after`. A "
+        "provider without `authorize_url` cannot start authorizations (`400 invalid_request`).",
+        permission="grants:write",
+        body=schemas.AuthorizationRequest,
+        replies={
+            201: Reply("The authorization was started.", schemas.Authorization, headers=NO_STORE)
+        },
+        problems=("provider_not_found", "store_unavailable"),
+    ),
+    Operation(
+        operation_id="oauthCallback",
+        method="GET",
+        path=r"/oauth/{provider:[^/]+}/callback",
+        tag="authorizations",
+        summary="OAuth2 redirect endpoint (the user's browser)",
+        description="Public: called by the user's browser when the provider redirects back; no "
+        "API key. Takes the `state` (single use, atomically: of two callbacks with one state "
+        "only the first goes on), checks that it is unexpired and was started for this "
+        "provider, then: with `code`, exchanges it for tokens (the provider's client "
+        "authentication and the PKCE verifier), stores the grant in place of any grant of that "
+        "user (for example one in `reauth_required`) and redirects (302) to `redirect_after` "
+        "with `status=connected&provider={provider}`; with `error=access_denied` (the user "
+        "refused), `status=denied`; with another `error`, or when the exchange fails, "
+        "`status=error&code=...` (the provider's error code, or one of `invalid_grant`, "
+        "`invalid_client`, `http_<status>`, `timeout`, `malformed_response`, "
+        "`no_refresh_token`, `store_unavailable`, ...). No token, code or state is ever put in "
+        "the redirect; `status`, `code` and `provider` parameters already in `redirect_after` "
+        "are replaced. A missing, unknown, expired, reused or other provider's state gets a "
+        "small 400 HTML page saying so and what to do, and exchanges nothing; an unknown "
+        "provider gets a 404 page and an unreachable store a 503 page (the state is then not "
+        "consumed). These pages are not cacheable and set no cookie.",
+        permission=None,
+        query=(
+            _query("code", "The authorization code (on success)."),
+            _query(
+                "state",
+                "The state from `POST /v1/authorizations/{provider}`, as the provider returns it.",
+            ),
+            _query("error", "The provider's error code instead of `code` (e.g. `access_denied`)."),
+            _query("error_description", "The provider's human-readable error text, if any."),
+        ),
+        replies={
+            302: Reply(
+                "Redirect to `redirect_after` with `status=connected`, `status=denied` or "
+                "`status=error&code=...`, and `provider`.",
+                headers=(*BROWSER, "Location"),
+            ),
+            400: Reply(
+                "The state is missing, unknown, expired, already used or was started for "
+                "another provider; nothing was exchanged. A small HTML page saying so and to "
+                "start again from the application.",
+                media="text/html",
+                schema=HTML,
+                headers=BROWSER,
+            ),
+            404: Reply(
+                "No such provider: an HTML page.", media="text/html", schema=HTML, headers=BROWSER
+            ),
+            503: Reply(
+                "Redis is unreachable: an HTML page; the state was not consumed, so reloading "
+                "later works.",
+                media="text/html",
+                schema=HTML,
+                headers=(*BROWSER, "Retry-After"),
+            ),
+        },
+    ),
+    Operation(
+        operation_id="healthz",
+        method="GET",
+        path="/healthz",
+        tag="operations",
+        summary="Liveness",
+        description='No API key. Answers `200 {"status": "ok"}` while the process serves; it '
+        "checks no dependency (see `/readyz`).",
+        permission=None,
+        replies={200: Reply("The process is serving.", schemas.Health)},
+    ),
+    Operation(
+        operation_id="readyz",
+        method="GET",
+        path="/readyz",
+        tag="operations",
+        summary="Readiness",
+        description="No API key. Checks what serving needs (the grant store, encryption keys, "
+        "the refresh scheduler, not shutting down) and answers `200` when all pass or `503` "
+        "otherwise, with each check's result; take the instance out of load balancing on 503.",
+        permission=None,
+        replies={
+            200: Reply("Ready: every check passed.", schemas.Readiness),
+            503: Reply("Not ready: at least one check failed.", schemas.Readiness),
+        },
+    ),
+    Operation(
+        operation_id="metrics",
+        method="GET",
+        path="/metrics",
+        tag="operations",
+        summary="Prometheus metrics",
+        description="No API key. The broker's metrics in the Prometheus text exposition format "
+        "(HTTP requests, refreshes by outcome, token hand-outs, revocations, unreadable grants, "
+        "...).",
+        permission=None,
+        replies={
+            200: Reply(
+                "Metrics in the Prometheus text format 0.0.4.",
+                media="text/plain",
+                schema={"type": "string"},
+            )
+        },
+    ),
+    Operation(
+        operation_id="openapi",
+        method="GET",
+        path="/openapi.json",
+        tag="operations",
+        summary="This OpenAPI document",
+        description="No API key. The HTTP contract as an OpenAPI 3.1 document. Values that are "
+        "settings (such as `min_ttl`'s default and maximum) are this instance's.",
+        permission=None,
+        replies={200: Reply("The OpenAPI document.", schema={"type": "object"})},
+    ),
+)

@@ -1,0 +1,391 @@
+"""The HTTP API's bodies as typed models: what handlers parse and answer, and what the OpenAPI
+document (``broker.openapi``) describes. One definition of each, so the two cannot drift.
+
+Request bodies are parsed strictly (no coercion: ``"10"`` is not an integer, ``true`` is not 1)
+and every refusal is ``InvalidRequest`` with the field's own message, the same as before the
+models existed. Descriptions live here, on the fields and in the class docstrings: they are the
+document's text.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+
+from broker.errors import InvalidRequest
+from broker.models import MAX_SCOPE_CHARS, MAX_TOKEN_CHARS, MAX_USER_ID_BYTES, GrantState
+
+__all__ = [
+    "MAX_EXPIRES_IN",
+    "Authorization",
+    "AuthorizationRequest",
+    "GrantImport",
+    "GrantStatus",
+    "Health",
+    "Problem",
+    "ProblemCode",
+    "Readiness",
+    "ReadinessCheck",
+    "RequestBody",
+    "Token",
+]
+
+MAX_EXPIRES_IN = 366 * 86400
+
+ProblemCode = Literal[
+    "invalid_request",
+    "unauthenticated",
+    "forbidden",
+    "provider_not_found",
+    "grant_not_found",
+    "reauth_required",
+    "payload_too_large",
+    "invalid_refresh_token",
+    "grant_unreadable",
+    "upstream_unavailable",
+    "store_unavailable",
+    "not_found",
+    "method_not_allowed",
+    "internal_error",
+]
+
+
+def _timestamp(description: str, **kwargs: Any) -> Any:
+    """A field holding an RFC 3339 UTC time to the second (``models.iso``)."""
+    return Field(description=description, json_schema_extra={"format": "date-time"}, **kwargs)
+
+
+def _example(value: Any) -> Any:
+    return {"example": value}
+
+
+class _Answer(BaseModel):
+    """A response body: built by handlers from values they trust, never from client input."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class RequestBody(BaseModel):
+    """A JSON request body, parsed strictly; ``messages`` holds each field's refusal text."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+    messages: ClassVar[dict[str, str]]
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> Self:
+        """The validated body, or InvalidRequest naming unknown fields or the first bad one
+        (in declaration order)."""
+        try:
+            return cls.model_validate(body)
+        except ValidationError as err:
+            raise InvalidRequest(cls._refusal(err)) from None
+
+    @classmethod
+    def _refusal(cls, err: ValidationError) -> str:
+        errors = err.errors(include_url=False, include_input=False)
+        unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+        if unknown:
+            return f"unknown field(s): {', '.join(unknown)}"
+        order = {name: index for index, name in enumerate(cls.model_fields)}
+        first = min(errors, key=lambda e: order.get(str(e["loc"][0]), -1) if e["loc"] else -1)
+        if first["type"] == "value_error":  # a rule between fields: its own message
+            return str(first["ctx"]["error"])
+        field = str(first["loc"][0]) if first["loc"] else ""
+        return cls.messages.get(field, "the body must be a JSON object")
+
+
+TokenText = Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_CHARS)]
+
+
+class GrantImport(RequestBody):
+    """A refresh token to import (migration, tests). Only `refresh_token` is required;
+    `expires_in` describes `access_token`, so send both or neither."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_example(
+            {
+                "refresh_token": "def50200a1...",
+                "access_token": "eyJhbGciOi...",
+                "expires_in": 3600,
+                "scope": "public_api",
+            }
+        )
+    )
+    messages: ClassVar[dict[str, str]] = {
+        "refresh_token": "refresh_token is required: a non-empty string",
+        "access_token": "access_token must be a non-empty string",
+        "expires_in": f"expires_in must be an integer from 1 to {MAX_EXPIRES_IN}",
+        "scope": "scope must be a string",
+    }
+
+    refresh_token: TokenText = Field(
+        repr=False, description="The refresh token; stored encrypted, never returned."
+    )
+    access_token: TokenText | None = Field(
+        default=None,
+        repr=False,
+        description="A current access token for this refresh token. Without it the broker "
+        "refreshes at once to validate the refresh token.",
+    )
+    expires_in: Annotated[int, Field(ge=1, le=MAX_EXPIRES_IN)] | None = Field(
+        default=None,
+        description="Seconds until `access_token` expires; 3600 when absent unless the provider "
+        "sets `default_expires_in`.",
+    )
+    scope: Annotated[str, Field(max_length=MAX_SCOPE_CHARS)] | None = Field(
+        default=None, description="The space-separated scopes the tokens carry."
+    )
+
+    @field_validator("expires_in")
+    @classmethod
+    def _goes_with_access_token(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # A field validator, not a model one: checked before ``scope``, as it always was.
+        if value is not None and info.data.get("access_token") is None:
+            raise ValueError("expires_in describes an access_token; send both or neither")
+        return value
+
+
+class AuthorizationRequest(RequestBody):
+    """Start an authorization-code flow for one user."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_example(
+            {"user_id": "u-1", "redirect_after": "https://app.example/done", "scope": "public_api"}
+        )
+    )
+    messages: ClassVar[dict[str, str]] = {
+        "user_id": "user_id is required: a string",
+        "redirect_after": "redirect_after is required: a URL in the redirect allow-list",
+        "scope": "scope must be a string",
+    }
+
+    # Its length and characters are checked by validate_user_id, after the other fields.
+    user_id: str = Field(
+        description="The user id the resulting grant belongs to: 1 to "
+        f"{MAX_USER_ID_BYTES} bytes of UTF-8, no control characters.",
+        json_schema_extra={"minLength": 1},
+    )
+    redirect_after: str = Field(
+        min_length=1,
+        description="Where the user's browser is sent when the flow ends (with `status=...`): "
+        "an absolute http(s) URL matching the broker's or the provider's allow-list (same "
+        "scheme, host and port; path at or below the entry's path), at most 2048 printable "
+        "ASCII characters. Its query and fragment are kept.",
+        json_schema_extra={"format": "uri"},
+    )
+    scope: str | None = Field(
+        default=None,
+        description="The scopes to request, separated by single spaces (RFC 6749 §3.3 scope "
+        "tokens); the provider's configured `scopes` when absent. The provider's "
+        "`required_scopes` are always added. The grant records the scope the provider actually "
+        "granted, which may be narrower.",
+    )
+
+
+class Token(_Answer):
+    """A current access token for one (provider, user id). Never cache it beyond
+    `expires_at`; fetch again instead."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_example(
+            {
+                "access_token": "eyJhbGciOi...",
+                "token_type": "Bearer",
+                "expires_at": "2026-11-25T02:00:00Z",
+                "expires_in": 3412,
+                "scope": "public_api",
+            }
+        ),
+    )
+
+    access_token: str = Field(
+        repr=False, description="The access token to send to the provider's API."
+    )
+    token_type: str = Field(
+        description="The token type the provider issued, usually `Bearer`.",
+        json_schema_extra=_example("Bearer"),
+    )
+    expires_at: str = _timestamp("When the access token expires (RFC 3339, UTC, to the second).")
+    expires_in: int = Field(ge=0, description="Seconds from now until `expires_at`.")
+    scope: str | None = Field(
+        description="The space-separated scopes granted, or null when the provider did not say."
+    )
+
+
+class GrantStatus(_Answer):
+    """What the broker holds for one (provider, user id), without any secret."""
+
+    # Open, for clients, as fields get added. A field Grant.status() has and this model lacks
+    # would be dropped from answers: tests/test_contract.py fails on that.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "provider": "alfresco",
+                "user_id": "u-1",
+                "state": "active",
+                "scope": "public_api",
+                "access_expires_at": "2026-11-25T02:00:00Z",
+                "next_refresh_at": "2026-11-25T01:54:21Z",
+                "last_refreshed_at": "2026-11-25T01:00:00Z",
+                "refresh_count": 12,
+                "consecutive_failures": 0,
+                "last_error": None,
+                "refresh_token_issued_at": "2026-11-25T01:00:00Z",
+                "refresh_token_expires_at": None,
+                "created_at": "2026-11-20T09:12:00Z",
+                "updated_at": "2026-11-25T01:00:00Z",
+            },
+        },
+    )
+
+    provider: str = Field(description="The provider's name.")
+    user_id: str = Field(description="The user id, decoded.")
+    state: GrantState = Field(
+        description="`active`: refreshing normally. `refresh_failing`: transient refresh "
+        "failures, still retrying. `reauth_required`: the provider rejected the refresh token; "
+        "kept for inspection, no longer refreshed, a user must authorize again."
+    )
+    scope: str | None = Field(
+        description="The space-separated scopes granted (after an authorization, what the "
+        "provider granted, which may be narrower than requested), or null when unknown."
+    )
+    access_expires_at: str | None = _timestamp(
+        "When the held access token expires; null when none is held."
+    )
+    next_refresh_at: str | None = _timestamp(
+        "When the broker plans to refresh next; null when it will not (e.g. `reauth_required`)."
+    )
+    last_refreshed_at: str | None = _timestamp(
+        "When the last successful refresh happened; null before the first."
+    )
+    refresh_count: int = Field(ge=0, description="Successful refreshes so far.")
+    consecutive_failures: int = Field(
+        ge=0, description="Failed refresh attempts since the last success."
+    )
+    last_error: str | None = Field(
+        description="A short safe reason for the last failed refresh (never a token), or null."
+    )
+    refresh_token_issued_at: str | None = _timestamp(
+        "When the current refresh token was issued (imported, exchanged or rotated), or null "
+        "when unknown.",
+        default=None,
+    )
+    refresh_token_expires_at: str | None = _timestamp(
+        "When the current refresh token expires, if the provider said; otherwise null.",
+        default=None,
+    )
+    created_at: str = _timestamp("When the grant was first stored.")
+    updated_at: str = _timestamp("When the grant last changed.")
+
+
+class Authorization(_Answer):
+    """A started authorization: send the user's browser to `authorization_url`."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_example(
+            {
+                "authorization_url": "https://provider/authorize?response_type=code&client_id="
+                "broker&redirect_uri=https%3A%2F%2Fbroker.example%2Foauth%2Falfresco%2Fcallback"
+                "&scope=public_api&state=Zq3...&code_challenge=E9Mel...&code_challenge_method=S256",
+                "state": "Zq3...",
+                "expires_at": "2026-11-25T01:10:00Z",
+            }
+        )
+    )
+
+    authorization_url: str = Field(
+        description="The provider's authorize URL with `response_type=code`, `client_id`, "
+        "`redirect_uri`, `scope` (when there is one), `state` and PKCE (`code_challenge`, "
+        "`code_challenge_method=S256`) unless the provider disables PKCE.",
+        json_schema_extra={"format": "uri"},
+    )
+    state: str = Field(
+        repr=False,
+        description="The single-use state bound to this flow (43 base64url characters). The "
+        "broker does not store it, only its SHA-256.",
+    )
+    expires_at: str = _timestamp(
+        "When the state expires (`authorization_ttl` after creation, 10 minutes by default)."
+    )
+
+
+class Problem(_Answer):
+    """An error (RFC 9457 problem details) with a stable machine-readable `code`."""
+
+    type: str = Field(
+        description="A URI naming the problem type: `urn:broker:problem:<code>`.",
+        json_schema_extra={
+            "format": "uri-reference",
+            "example": "urn:broker:problem:grant_not_found",
+        },
+    )
+    title: str = Field(description="A short human-readable summary of the problem type.")
+    status: int = Field(ge=400, le=599, description="The HTTP status code.")
+    detail: str = Field(
+        description="A human-readable explanation of this occurrence; never contains a token, "
+        "key or secret."
+    )
+    code: ProblemCode = Field(
+        description="The stable machine-readable error code; clients branch on this."
+    )
+    request_id: str | SkipJsonSchema[None] = Field(
+        default=None,
+        description="The request id (same as the `X-Request-Id` response header).",
+    )
+
+
+class Health(_Answer):
+    """Liveness."""
+
+    model_config = ConfigDict(json_schema_extra=_example({"status": "ok"}))
+
+    status: Literal["ok"]
+
+
+class ReadinessCheck(_Answer):
+    """The result of one readiness check; fields other than `ok` depend on the check."""
+
+    ok: bool = Field(description="Whether this check passed.")
+    latency_ms: Annotated[float, Field(ge=0)] | SkipJsonSchema[None] = Field(
+        default=None, description="How long the check took, in milliseconds."
+    )
+    detail: str | SkipJsonSchema[None] = Field(default=None, description="Why the check failed.")
+    keys: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(
+        default=None, description="`encryption_keys`: how many encryption keys are loaded."
+    )
+    lag_seconds: float | SkipJsonSchema[None] = Field(
+        default=None,
+        description="`scheduler`: how far behind its schedule the background refresher is.",
+    )
+
+
+class Readiness(_Answer):
+    """Readiness, with the result of each check."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_example(
+            {
+                "status": "ready",
+                "checks": {
+                    "redis": {"ok": True, "latency_ms": 0.4},
+                    "encryption_keys": {"ok": True},
+                },
+            }
+        )
+    )
+
+    status: Literal["ready", "not_ready"] = Field(description="`ready` when every check is ok.")
+    checks: dict[str, ReadinessCheck] = Field(
+        description="One entry per check, by name (`redis`, `encryption_keys`, `scheduler`, "
+        "`shutdown`, ...)."
+    )

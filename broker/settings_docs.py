@@ -1,0 +1,236 @@
+"""What is generated from the settings models, so that it never drifts from them:
+
+- the JSON Schema of broker.toml (``broker config-schema``);
+- the settings tables of docs/configuration.md, each between ``<!-- settings:begin NAME -->``
+  and ``<!-- settings:end -->`` (NAME: ``top``, ``providers`` or ``clients``); the prose around
+  them is written by hand and kept;
+- the ``config`` object of helm/broker/values.schema.json: broker's top-level settings that the
+  chart passes through to broker.toml (all but the ones the chart sets itself, which it refuses).
+
+Regenerate after changing a setting (tests/test_settings_generated.py fails until you do)::
+
+    python -m broker.settings_docs            # rewrite both files
+    python -m broker.settings_docs --check    # exit 1 if either is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import CoreSchema
+
+from broker.settings_model import Settings
+from broker.settings_providers import ClientSettings, ProviderSettings
+from broker.settings_types import ShownDefault, is_table, settings_of
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "configuration.md"
+CHART_SCHEMA = ROOT / "helm" / "broker" / "values.schema.json"
+REGENERATE = "python -m broker.settings_docs"
+TABLES: dict[str, type[BaseModel]] = {
+    "top": Settings,
+    "providers": ProviderSettings,
+    "clients": ClientSettings,
+}
+# Set by the chart itself (listen address and port, Redis, the mounted key file), so refused in
+# its `config` value; providers and clients have values of their own.
+CHART_OWNED = ("host", "port", "redis_url", "encryption_keys_file", "encryption_keys_env")
+_BLOCK = re.compile(r"(<!-- settings:begin (\w+) -->\n)(.*?)(<!-- settings:end -->)", re.DOTALL)
+
+
+class _SettingsSchema(GenerateJsonSchema):
+    """Pydantic's schema without a title per field (the name says it), and with JSON Schema's
+    names for the bounds of an optional number (pydantic writes ``ge``/``le`` there)."""
+
+    def field_title_should_be_set(self, schema: CoreSchema) -> bool:
+        return False
+
+    def generate(self, schema: CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
+        result: JsonSchemaValue = _standard_bounds(super().generate(schema, mode))
+        return result
+
+
+_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+
+
+def _standard_bounds(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_standard_bounds(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    numeric = schema.get("type") in ("integer", "number")
+    return {
+        (_BOUNDS[key] if numeric and key in _BOUNDS else key): _standard_bounds(value)
+        for key, value in schema.items()
+    }
+
+
+def config_schema() -> JsonSchemaValue:
+    """The JSON Schema of broker.toml: the top level, ``providers`` and ``clients``."""
+    return Settings.model_json_schema(schema_generator=_SettingsSchema)
+
+
+def settings_table(model: type[BaseModel]) -> str:
+    """The Markdown table of ``model``'s settings (tables of tables have sections of their own)."""
+    properties = model.model_json_schema(schema_generator=_SettingsSchema)["properties"]
+    rows = [
+        f"<!-- generated from the settings models by `{REGENERATE}`: edit them, not this -->",
+        "| setting | default | allowed | meaning |",
+        "|---|---|---|---|",
+    ]
+    for name, field in settings_of(model).items():
+        if is_table(field):
+            continue
+        cells = (f"`{name}`", _default(field), _allowed(properties[name]), field.description or "")
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def render_docs(text: str) -> str:
+    """``text`` (docs/configuration.md) with every settings table regenerated."""
+
+    def table(match: re.Match[str]) -> str:
+        name = match.group(2)
+        if name not in TABLES:
+            raise ValueError(f"unknown settings table {name!r} (one of {', '.join(TABLES)})")
+        return match.group(1) + settings_table(TABLES[name]) + match.group(4)
+
+    return _BLOCK.sub(table, text)
+
+
+def chart_config_schema() -> dict[str, Any]:
+    """The ``config`` object of the chart's values.schema.json."""
+    schema = config_schema()
+    fields = settings_of(Settings)
+    tables = [name for name, field in fields.items() if is_table(field)]
+    properties = {  # defaults are the chart's (values.yaml); formats are not asserted alike
+        name: {
+            k: v for k, v in _without_formats(schema["properties"][name]).items() if k != "default"
+        }
+        for name in fields
+        if name not in CHART_OWNED and name not in tables
+    }
+    return {
+        "type": "object",
+        "description": "broker.toml top-level settings (docs/configuration.md), generated from "
+        f"broker/settings_model.py by `{REGENERATE}`.",
+        "properties": properties,
+        "propertyNames": {"not": {"enum": [*CHART_OWNED, *tables]}},
+        "additionalProperties": False,
+    }
+
+
+def render_chart_schema(text: str) -> str:
+    """``text`` (values.schema.json) with its ``config`` object regenerated."""
+    document = json.loads(text)
+    document["properties"]["config"] = chart_config_schema()
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def generated() -> dict[Path, str]:
+    """Each generated file and what it should contain now."""
+    return {
+        DOCS: render_docs(DOCS.read_text(encoding="utf-8")),
+        CHART_SCHEMA: render_chart_schema(CHART_SCHEMA.read_text(encoding="utf-8")),
+    }
+
+
+def _without_formats(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_without_formats(item) for item in schema]
+    if isinstance(schema, dict):
+        return {k: _without_formats(v) for k, v in schema.items() if k != "format"}
+    return schema
+
+
+def _default(field: FieldInfo) -> str:
+    shown = [item.text for item in field.metadata if isinstance(item, ShownDefault)]
+    if shown:
+        return shown[0]
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple | list | frozenset):
+        return f"`{json.dumps(list(value))}`"
+    return f"`{_number(value) if isinstance(value, int | float) else value}`"
+
+
+def _allowed(schema: dict[str, Any], plural: bool = False) -> str:
+    """What a setting accepts, in words, from its JSON Schema."""
+    options = [option for option in schema.get("anyOf", [schema]) if option.get("type") != "null"]
+    schema = options[0] if len(options) == 1 else schema
+    kind = schema.get("type")
+    ending = "s" if plural else ""
+    if "enum" in schema:
+        return ", ".join(f"`{value}`" for value in schema["enum"])
+    if kind == "boolean":
+        return "`true`, `false`"
+    if kind in ("integer", "number"):
+        return _range(("whole number" if kind == "integer" else "number") + ending, schema)
+    if kind == "array":
+        items = schema.get("items", {})
+        if "enum" in items:
+            return ("one or more of " if schema.get("minItems") else "any of ") + _allowed(items)
+        return ("non-empty list of " if schema.get("minItems") else "list of ") + _allowed(
+            items, plural=True
+        )
+    if kind == "string":
+        noun = {"uri": "URL", "password": "secret string"}.get(schema.get("format", ""), "string")
+        if "pattern" in schema:
+            return f"{noun}{ending} matching `{schema['pattern']}`"
+        return ("non-empty " if schema.get("minLength") else "") + noun + ending
+    return "see below"
+
+
+def _range(kind: str, schema: dict[str, Any]) -> str:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None and high is not None:
+        return f"{kind} {_number(low)}..{_number(high)}"
+    bounds = [
+        f"{sign} {_number(schema[key])}"
+        for key, sign in (("minimum", "≥"), ("exclusiveMinimum", ">"))
+        if key in schema
+    ] + [
+        f"{sign} {_number(schema[key])}"
+        for key, sign in (("maximum", "≤"), ("exclusiveMaximum", "<"))
+        if key in schema
+    ]
+    return f"{kind} {', '.join(bounds)}" if bounds else kind
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.settings_docs",
+        description="Regenerate the settings tables of docs/configuration.md and the config "
+        "part of helm/broker/values.schema.json from the settings models.",
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is stale")
+    args = parser.parse_args(argv)
+    stale = [path for path, text in generated().items() if path.read_text("utf-8") != text]
+    for path in stale:
+        if args.check:
+            print(f"{path.relative_to(ROOT)} is stale: run `{REGENERATE}`", file=sys.stderr)
+        else:
+            path.write_text(generated()[path], encoding="utf-8")
+            print(f"rewrote {path.relative_to(ROOT)}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""What is generated from the settings models matches them: the documentation's tables, the
+Helm chart's schema, `broker config-schema`; and the JSON Schema agrees with the validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from broker.config import ClientSettings, ProviderSettings, Settings
+from broker.settings_docs import (
+    CHART_OWNED,
+    CHART_SCHEMA,
+    DOCS,
+    REGENERATE,
+    ROOT,
+    chart_config_schema,
+    config_schema,
+    generated,
+)
+from broker.settings_types import settings_of
+
+STALE = "{path} is stale: the settings models changed. Run `{command}` and commit the result."
+
+
+@pytest.mark.parametrize("path", [DOCS, CHART_SCHEMA], ids=lambda p: p.name)
+def test_the_generated_files_match_the_settings_models(path: Path) -> None:
+    expected = generated()[path]
+    assert path.read_text(encoding="utf-8") == expected, STALE.format(
+        path=path.relative_to(ROOT), command=REGENERATE
+    )
+
+
+def test_the_documentation_has_a_generated_table_for_each_model() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    for name in ("top", "providers", "clients"):
+        assert text.count(f"<!-- settings:begin {name} -->") == 1
+    assert text.count("<!-- settings:end -->") == 3
+    for model in (Settings, ProviderSettings, ClientSettings):
+        for setting in settings_of(model):
+            if setting not in ("providers", "clients"):
+                assert f"| `{setting}` |" in text, f"{model.__name__}.{setting} is not documented"
+
+
+@pytest.mark.parametrize("model", [Settings, ProviderSettings, ClientSettings])
+def test_every_setting_has_a_description(model: type[Settings]) -> None:
+    missing = [name for name, field in settings_of(model).items() if not field.description]
+    assert not missing, f"{model.__name__}: give these fields a description: {missing}"
+
+
+def test_the_chart_passes_every_setting_through_but_its_own() -> None:
+    config = json.loads(CHART_SCHEMA.read_text(encoding="utf-8"))["properties"]["config"]
+    expected = set(settings_of(Settings)) - set(CHART_OWNED) - {"providers", "clients"}
+    assert set(config["properties"]) == expected
+    assert set(config["propertyNames"]["not"]["enum"]) == {*CHART_OWNED, "providers", "clients"}
+    assert config == chart_config_schema()
+
+
+def chart_values() -> list[tuple[str, dict[str, Any]]]:
+    files = [ROOT / "helm/broker/values.yaml", *sorted((ROOT / "helm/broker/ci").glob("*.yaml"))]
+    return [(path.name, yaml.safe_load(path.read_text(encoding="utf-8"))) for path in files]
+
+
+@pytest.mark.parametrize(("name", "values"), chart_values(), ids=[n for n, _ in chart_values()])
+def test_the_charts_own_values_fit_its_config_schema(name: str, values: dict[str, Any]) -> None:
+    jsonschema.Draft7Validator(chart_config_schema()).validate(values.get("config") or {})
+
+
+def test_the_chart_schema_refuses_what_broker_refuses() -> None:
+    validator = jsonschema.Draft7Validator(chart_config_schema())
+    for bad in ({"port": 8080}, {"authorization_ttl": 30}, {"log_format": "xml"}, {"nope": 1}):
+        assert not validator.is_valid(bad), bad
+
+
+def example_configs() -> list[Path]:
+    return [
+        *sorted((ROOT / "examples").rglob("*.toml")),
+        ROOT / "deploy/compose/broker.toml",
+    ]
+
+
+@pytest.mark.parametrize("path", example_configs(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_example_configurations_fit_the_json_schema(path: Path) -> None:
+    document = tomllib.loads(path.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator(config_schema()).validate(document)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"port": 8080.5},
+        {"lock_ttl": 0.1},
+        {"key_prefix": "has space"},
+        {"providers": {"alfresco": {"token_url": "https://idp.example/token"}}},
+        {"providers": {"alfresco": {"client_id": "b", "pkce": "no"}}},
+        {"clients": [{"name": "c", "key_sha256": "abc", "providers": ["*"], "permissions": []}]},
+        {"bogus": 1},
+    ],
+)
+def test_the_json_schema_refuses_what_validation_refuses(document: dict[str, Any]) -> None:
+    assert not jsonschema.Draft202012Validator(config_schema()).is_valid(document)
+
+
+def test_config_schema_prints_the_schema_of_broker_toml() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "config-schema"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    schema = json.loads(result.stdout)
+    assert schema == config_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert {"redis_url", "lock_ttl", "providers", "clients"} <= set(schema["properties"])
+    assert {"ProviderSettings", "ClientSettings"} <= set(schema["$defs"])
+    assert "encryption_keys" not in schema["properties"]  # derived at load time, not a setting
