@@ -1,0 +1,3 @@
+from broker.devprovider import main
+
+main()
