@@ -26,6 +26,7 @@ from broker.metrics import Metrics
 from broker.middlewares import client_of
 from broker.models import iso, validate_user_id
 from broker.openapi import document
+from broker.providers import ProviderRegistry
 from broker.refresh import Refresher
 from broker.routes import OPERATIONS, Limits
 from broker.scheduler import Scheduler
@@ -40,6 +41,7 @@ METRICS = web.AppKey("metrics", Metrics)
 KEYRING = web.AppKey("keyring", KeyRing)
 STORE = web.AppKey("store", GrantStore)
 REFRESHER = web.AppKey("refresher", Refresher)
+PROVIDERS = web.AppKey("providers", ProviderRegistry)
 GRANTS = web.AppKey("grants", GrantService)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -98,7 +100,7 @@ async def get_token(request: web.Request) -> web.Response:
 async def put_grant(request: web.Request) -> web.Response:
     provider, user_id = grant_path(request)
     authorize(client_of(request), "grants:write", provider)
-    request.app[REFRESHER].provider(provider)
+    request.app[PROVIDERS].get(provider)
     body = schemas.GrantImport.parse(await _json_object(request))
     grant, created = await request.app[GRANTS].import_grant(
         provider,
@@ -130,7 +132,7 @@ async def delete_grant(request: web.Request) -> web.Response:
 async def start_authorization(request: web.Request) -> web.Response:
     provider = request.match_info["provider"]
     authorize(client_of(request), "grants:write", provider)
-    request.app[REFRESHER].provider(provider)
+    request.app[PROVIDERS].get(provider)
     body = schemas.AuthorizationRequest.parse(await _json_object(request))
     user_id = validate_user_id(body.user_id)  # after the fields' own checks, as always
     started = await request.app[AUTHORIZATIONS].start(

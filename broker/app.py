@@ -32,6 +32,7 @@ from broker.middlewares import make_middlewares
 from broker.oauth import OAuthClient, discover_all
 from broker.pending import PendingAuthorizations
 from broker.policy import RefreshPolicy
+from broker.providers import ProviderRegistry
 from broker.refresh import Refresher
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
@@ -144,22 +145,30 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         ttl=settings.lock_ttl,
         wait_timeout=settings.lock_wait_timeout,
     )
+    providers = ProviderRegistry(
+        settings.providers,
+        circuit_failures=settings.circuit_failures,
+        circuit_open_for=settings.circuit_open_for,
+    )
+    app[api.PROVIDERS] = providers
     refresher = Refresher(
         store,
         locks,
         oauth,
-        settings.providers,
+        providers,
         app[api.METRICS],
         RefreshPolicy.from_settings(settings),
         clock=app[CLOCK],
     )
     app[api.REFRESHER] = refresher
     app[api.GRANTS] = GrantService(
-        app[api.STORE], oauth, refresher, app[api.METRICS], clock=app[CLOCK]
+        store, providers, locks, oauth, refresher, app[api.METRICS], clock=app[CLOCK]
     )
     app[api.AUTHORIZATIONS] = AuthorizationService(
-        app[api.STORE],
+        store,
         app[PENDING],
+        providers,
+        locks,
         app[api.KEYRING],
         oauth,
         refresher,
@@ -182,7 +191,7 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     scheduler = Scheduler(
         app[api.STORE],
         app[api.REFRESHER],
-        settings.providers,
+        app[api.PROVIDERS],
         app[api.METRICS],
         SchedulerPolicy.from_settings(settings),
         clock=app[CLOCK],

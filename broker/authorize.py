@@ -42,10 +42,12 @@ from broker.errors import (
     StoreUnavailable,
     UpstreamUnavailable,
 )
+from broker.locks import GrantLocks
 from broker.metrics import Metrics
 from broker.models import MAX_SCOPE_CHARS, Grant, TokenSet, validate_user_id
 from broker.oauth import ERROR_CODE, OAuthClient
 from broker.pending import PendingAuthorizations
+from broker.providers import ProviderRegistry
 from broker.redirects import check_redirect, with_params
 from broker.refresh import Refresher
 from broker.store import GrantStore
@@ -122,6 +124,8 @@ class AuthorizationService:
         self,
         store: GrantStore,
         pending: PendingAuthorizations,
+        providers: ProviderRegistry,
+        locks: GrantLocks,
         keyring: KeyRing,
         oauth: OAuthClient,
         refresher: Refresher,
@@ -131,6 +135,8 @@ class AuthorizationService:
     ) -> None:
         self._store = store
         self._pending = pending
+        self._providers = providers
+        self._locks = locks
         self._keyring = keyring
         self._oauth = oauth
         self._refresher = refresher
@@ -143,7 +149,7 @@ class AuthorizationService:
     ) -> StartedAuthorization:
         """A stored pending authorization and the provider URL to send the user to; nothing is
         stored when an argument is refused."""
-        settings = self._refresher.provider(provider)
+        settings = self._providers.get(provider)
         if not settings.authorize_url:
             raise InvalidRequest(
                 f"provider {provider!r} has no authorize_url: it cannot start authorizations"
@@ -184,7 +190,7 @@ class AuthorizationService:
     async def complete(self, provider: str, query: Mapping[str, str]) -> CallbackResult:
         """The end of the flow for a callback's query. InvalidState (nothing exchanged) when
         the state is missing, unknown, expired, used or another provider's."""
-        settings = self._refresher.provider(provider)
+        settings = self._providers.get(provider)
         pending = await self._take(provider, query.get("state", ""))
         error = query.get("error")
         if error is not None:
@@ -255,7 +261,7 @@ class AuthorizationService:
         just consented and the code is spent: a passing Redis error is retried briefly."""
         assert tokens.refresh_token is not None
         provider, user_id = pending.provider, pending.user_id
-        async with self._refresher.locks.holding(provider, user_id):
+        async with self._locks.holding(provider, user_id):
             for attempt in range(GRANT_WRITE_ATTEMPTS):
                 try:
                     version = await self._store.version(provider, user_id)

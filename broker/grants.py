@@ -22,9 +22,11 @@ from broker.errors import (
     StoreUnavailable,
     UpstreamUnavailable,
 )
+from broker.locks import GrantLocks
 from broker.metrics import Metrics
 from broker.models import Grant, TokenSet
 from broker.oauth import OAuthClient
+from broker.providers import ProviderRegistry
 from broker.refresh import Refresher
 from broker.store import GrantStore
 
@@ -47,12 +49,16 @@ class GrantService:
     def __init__(
         self,
         store: GrantStore,
+        providers: ProviderRegistry,
+        locks: GrantLocks,
         oauth: OAuthClient,
         refresher: Refresher,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._providers = providers
+        self._locks = locks
         self._oauth = oauth
         self._refresher = refresher
         self._metrics = metrics
@@ -64,8 +70,8 @@ class GrantService:
         """Store a grant (replacing any), validating the refresh token at the provider when no
         access token comes with it. Returns the grant and whether it is new. Nothing is stored
         when validation fails."""
-        settings = self._refresher.provider(provider)
-        async with self._refresher.locks.holding(provider, user_id) as held:
+        settings = self._providers.get(provider)
+        async with self._locks.holding(provider, user_id) as held:
             version = await self._store.version(provider, user_id)
             base_version = await self._store.base_version(version)
             now = self._clock()
@@ -79,7 +85,7 @@ class GrantService:
             else:
                 # Validating spends the imported refresh token: the lock must stay ours
                 # through the call and the write of what it returns.
-                await self._refresher.locks.ensure(held, self._refresher.policy.call_budget)
+                await self._locks.ensure(held, self._refresher.policy.call_budget)
                 tokens = await self._validate(settings.name, body.refresh_token)
             base = Grant(
                 provider=provider,
@@ -103,7 +109,7 @@ class GrantService:
         return grant, version == 0
 
     async def _validate(self, provider: str, refresh_token: str) -> TokenSet:
-        settings = self._refresher.provider(provider)
+        settings = self._providers.get(provider)
         try:
             return await self._oauth.refresh(settings, refresh_token)
         except ProviderRejected as err:
@@ -119,7 +125,7 @@ class GrantService:
             ) from err
 
     async def status(self, provider: str, user_id: str) -> Grant:
-        self._refresher.provider(provider)
+        self._providers.get(provider)
         grant = await self._store.read(provider, user_id)
         if grant is None:
             raise GrantNotFound(f"no grant for this user at {provider!r}")
@@ -128,8 +134,8 @@ class GrantService:
     async def delete(self, provider: str, user_id: str) -> RevocationResult:
         """Revoke at the provider (best effort) and delete; an unreadable record is deleted
         without revocation so operators can clear it."""
-        settings = self._refresher.provider(provider)
-        async with self._refresher.locks.holding(provider, user_id):
+        settings = self._providers.get(provider)
+        async with self._locks.holding(provider, user_id):
             try:
                 grant = await self._store.read(provider, user_id)
             except GrantUnreadable:

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import structlog
 
-from broker.circuit import CircuitBreaker
-from broker.config import ProviderSettings
 from broker.errors import (
     GrantNotFound,
-    ProviderNotFound,
     ProviderRejected,
     ProviderUnavailable,
     ReauthRequired,
@@ -41,6 +38,7 @@ from broker.metrics import Metrics
 from broker.models import Grant, TokenSet, refresh_due_at
 from broker.oauth import OAuthClient
 from broker.policy import RefreshPolicy, fresh_enough
+from broker.providers import ProviderRegistry
 from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
@@ -66,7 +64,7 @@ class Refresher:
         store: GrantStore,
         locks: GrantLocks,
         oauth: OAuthClient,
-        providers: Mapping[str, ProviderSettings],
+        providers: ProviderRegistry,
         metrics: Metrics,
         policy: RefreshPolicy,
         clock: Callable[[], float] = time.time,
@@ -74,7 +72,7 @@ class Refresher:
         self._store = store
         self.locks = locks
         self._oauth = oauth
-        self._providers = providers
+        self.providers = providers
         self._metrics = metrics
         self.policy = policy
         self.clock = clock
@@ -82,16 +80,6 @@ class Refresher:
         self._failures = Failures(store, metrics, policy, clock)
         self._inflight: dict[tuple[str, str], _Flight] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self.breakers = {
-            name: CircuitBreaker(policy.circuit_failures, policy.circuit_open_for)
-            for name in providers
-        }
-
-    def provider(self, name: str) -> ProviderSettings:
-        try:
-            return self._providers[name]
-        except KeyError:
-            raise ProviderNotFound(f"no provider named {name!r} is configured") from None
 
     def with_tokens(
         self, grant: Grant, tokens: TokenSet, *, refreshed: bool, requested_at: float
@@ -108,7 +96,7 @@ class Refresher:
             jitter_max=self.policy.jitter_max,
         )
         new = grant.with_tokens(tokens, now, next_refresh_at=due, refreshed=refreshed)
-        max_age = self.provider(grant.provider).refresh_token_max_age
+        max_age = self.providers.get(grant.provider).refresh_token_max_age
         if max_age is not None and new.refresh_token_issued_at is not None:
             new = replace(new, refresh_token_expires_at=new.refresh_token_issued_at + max_age)
         return new
@@ -116,7 +104,7 @@ class Refresher:
     async def token(self, provider: str, user_id: str, min_ttl: float) -> Grant:
         """A grant whose access token lasts ``min_ttl`` (see :func:`fresh_enough`), refreshing
         first if needed; a still-valid token is served when the provider cannot refresh."""
-        self.provider(provider)
+        self.providers.get(provider)
         grant = await self._read(provider, user_id)
         for _ in range(2):  # a shared refresh started for a smaller min_ttl: then our own
             if fresh_enough(grant, min_ttl, self.clock()):
@@ -253,8 +241,8 @@ class Refresher:
     async def _refresh_locked(
         self, grant: Grant, held: HeldLock, trigger: Trigger, result: asyncio.Future[Grant]
     ) -> Grant:
-        settings = self.provider(grant.provider)
-        breaker = self.breakers[grant.provider]
+        settings = self.providers.get(grant.provider)
+        breaker = self.providers.breaker(grant.provider)
         # The lock must stay ours through the call and the write of its result: another
         # replica presenting this refresh token meanwhile would be a reuse.
         held.stage = "ensure"

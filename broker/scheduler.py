@@ -21,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from broker.circuit import STATE_VALUES
-from broker.config import ProviderSettings, Settings
+from broker.config import Settings
 from broker.errors import (
     BrokerError,
     GrantNotFound,
@@ -39,6 +39,7 @@ from broker.errors import (
 )
 from broker.locks import LockBusy
 from broker.metrics import Metrics
+from broker.providers import ProviderRegistry
 from broker.reconcile import IndexReconciler
 from broker.refresh import Refresher
 from broker.schedule import ScheduleIndex
@@ -82,7 +83,7 @@ class Scheduler:
         self,
         store: GrantStore,
         refresher: Refresher,
-        providers: Mapping[str, ProviderSettings],
+        providers: ProviderRegistry,
         metrics: Metrics,
         policy: SchedulerPolicy,
         clock: Callable[[], float] = time.time,
@@ -133,7 +134,7 @@ class Scheduler:
             await asyncio.gather(*pending, return_exceptions=True)
 
     def _limit(self, provider: str) -> int:
-        configured = self._providers[provider].max_concurrency
+        configured = self._providers.get(provider).max_concurrency
         return configured or self._policy.provider_concurrency
 
     async def _run(self) -> None:
@@ -167,7 +168,7 @@ class Scheduler:
             )
             if free <= 0:
                 continue
-            if self._refresher.breakers[provider].state == "half_open":
+            if self._providers.breaker(provider).state == "half_open":
                 if provider in self._probing:
                     continue
                 # The probe: a grant left failing by the outage (none may be due for a while
@@ -268,7 +269,7 @@ class Scheduler:
     def _retry_after(self, provider: str) -> float:
         """The soonest an overdue grant that was skipped is worth claiming again: after the
         next probe while its provider's circuit is open, after one lease otherwise."""
-        breaker = self._refresher.breakers[provider]
+        breaker = self._providers.breaker(provider)
         if breaker.state == "closed":
             return self._policy.lease
         return max(self._policy.lease, breaker.retry_after())
@@ -287,7 +288,7 @@ class Scheduler:
             m.grants.labels(provider, "refresh_failing").set(failing)
             m.grants.labels(provider, "reauth_required").set(reauth)
             m.refresh_token_expiring.labels(provider).set(stats["refresh_token_expiring"])
-            state = self._refresher.breakers[provider].state
+            state = self._providers.breaker(provider).state
             m.circuit_state.labels(provider).set(STATE_VALUES[state])
         self.lag = lag
 

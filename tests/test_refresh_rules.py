@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import redis as syncredis
 
-from broker.api import METRICS, REFRESHER, STORE
+from broker.api import METRICS, PROVIDERS, REFRESHER, STORE
 from broker.devprovider import DevProvider
 from broker.locks import LockStore
 from broker.store import GrantStore, member
@@ -268,7 +268,7 @@ async def test_a_provider_outage_shows_refresh_failing_and_recovery_is_prompt(
     # tokens expire 3 s after import; each grant shows it a few seconds later at most
     await eventually(all_failing, "every expired grant to show refresh_failing", within=10)
     assert time.monotonic() - outage_started < 3 + 4
-    assert broker.app[REFRESHER].breakers["dev"].state != "closed"
+    assert broker.app[PROVIDERS].breaker("dev").state != "closed"
 
     async def metric_agrees() -> bool:
         return metric(broker, "broker_grants", provider="dev", state="refresh_failing") == grants

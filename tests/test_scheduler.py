@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker.api import METRICS, REFRESHER, SCHEDULER, STORE
+from broker.api import METRICS, PROVIDERS, SCHEDULER, STORE
 from broker.devprovider import DevProvider
 from tests.conftest import (
     Broker,
@@ -174,7 +174,7 @@ async def test_circuit_opens_on_a_failing_provider_and_probes_it(
 
     async def circuit_open() -> bool:
         return metric(broker, "broker_provider_circuit_state", provider="dev") == 2.0 or (
-            broker.app[REFRESHER].breakers["dev"].state == "open"
+            broker.app[PROVIDERS].breaker("dev").state == "open"
         )
 
     await eventually(circuit_open, "the circuit to open", within=10)
@@ -195,7 +195,7 @@ async def test_circuit_opens_on_a_failing_provider_and_probes_it(
         )
 
     await eventually(all_fresh, "every grant refreshed after the provider healed", within=10)
-    assert broker.app[REFRESHER].breakers["dev"].state == "closed"
+    assert broker.app[PROVIDERS].breaker("dev").state == "closed"
 
 
 async def test_rejected_grants_leave_the_schedule(
