@@ -162,3 +162,33 @@ async def test_a_stale_write_cannot_overwrite_a_newer_record(
     assert stored is not None
     assert stored.refresh_token == "rt-2"
     assert stored.version == 2
+
+
+async def test_a_renewer_stops_even_when_a_redis_call_swallows_its_cancellation(
+    make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """On Python 3.11 a cancellation racing a timeout inside redis-py can be swallowed and come
+    back as a Redis error: the renewer must still stop, or it would hold the lock forever."""
+    from broker.api import STORE
+    from broker.errors import StoreUnavailable
+    from broker.locks import GrantLocks, LockStore
+
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
+    locks = GrantLocks(LockStore(broker.app[STORE]), ttl=0.2, wait_timeout=0.1)
+    held = await locks.acquire("dev", "u")
+    assert held is not None
+    renewing = asyncio.Event()
+
+    async def swallowing_renew(_: object) -> bool:
+        renewing.set()
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            raise StoreUnavailable("Redis lock failed: TimeoutError") from None
+        return True
+
+    locks.renew = swallowing_renew  # type: ignore[method-assign,assignment]
+    renewer = asyncio.create_task(locks.keep_renewed(held))
+    await asyncio.wait_for(renewing.wait(), 2)
+    await asyncio.wait_for(locks.stop_renewing(held, renewer), 1)
+    assert renewer.done()
