@@ -22,7 +22,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -88,7 +87,7 @@ async def throughput(redis_url: str, due: int, concurrency: int) -> None:
     process.start()
     tokens: list[str] = parent.recv()
     settings = settings_for(redis_url, f"http://127.0.0.1:{port}", concurrency)
-    loader = web.AppRunner(create_app(replace(settings, scheduler_enabled=False)))
+    loader = web.AppRunner(create_app(settings.model_copy(update={"scheduler_enabled": False})))
     await loader.setup()
     store = loader.app[STORE]
     now = time.time()
@@ -134,7 +133,7 @@ async def throughput(redis_url: str, due: int, concurrency: int) -> None:
 
 async def idle_cost(redis_url: str, grants: int, seconds: float) -> None:
     settings = settings_for(redis_url, "http://127.0.0.1:9", 32)
-    app = create_app(replace(settings, scheduler_enabled=False))
+    app = create_app(settings.model_copy(update={"scheduler_enabled": False}))
     runner = web.AppRunner(app)
     await runner.setup()
     store = app[STORE]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
@@ -130,7 +130,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         # Once, before anything uses a provider: endpoints from issuer / discovery_url.
-        settings = replace(settings, providers=await discover_all(oauth, settings.providers))
+        # No re-validation needed: the providers are validated, and their names (all that
+        # Settings' own rules look at) unchanged.
+        discovered = await discover_all(oauth, settings.providers)
+        settings = settings.model_copy(update={"providers": discovered})
     except BaseException:
         await session.close()
         raise

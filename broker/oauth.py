@@ -19,7 +19,6 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote_plus
@@ -138,12 +137,9 @@ class OAuthClient:
                 found[setting] = provider_url(
                     f"{where} ({field} at {url})", value, provider.allow_insecure_http
                 )
-        resolved = replace(
-            provider,
-            token_url=found.get("token_url", provider.token_url),
-            authorize_url=found.get("authorize_url", provider.authorize_url),
-            revocation_url=found.get("revocation_url", provider.revocation_url),
-        )
+        # A new model, validated (model_copy would not): discovered endpoints get the checks
+        # of configured ones.
+        resolved = ProviderSettings.model_validate({**dict(provider), **found})
         if not resolved.token_url:
             raise ConfigError(where, f"the metadata at {url} has no token_endpoint")
         methods = document.get("token_endpoint_auth_methods_supported")

@@ -5,7 +5,10 @@
   and ``<!-- settings:end -->`` (NAME: ``top``, ``providers`` or ``clients``); the prose around
   them is written by hand and kept;
 - the ``config`` object of helm/broker/values.schema.json: broker's top-level settings that the
-  chart passes through to broker.toml (all but the ones the chart sets itself, which it refuses).
+  chart passes through to broker.toml (all but the ones the chart sets itself, which it refuses);
+- its ``providers`` object: for each provider, broker's provider settings (all but an inline
+  ``client_secret``, which the chart refuses) with their rules, plus the chart's own keys
+  (``clientSecret``, ``public``). The chart's additions are defined here, not in the file.
 
 Regenerate after changing a setting (tests/test_settings_generated.py fails until you do)::
 
@@ -43,6 +46,18 @@ TABLES: dict[str, type[BaseModel]] = {
 # Set by the chart itself (listen address and port, Redis, the mounted key file), so refused in
 # its `config` value; providers and clients have values of their own.
 CHART_OWNED = ("host", "port", "redis_url", "encryption_keys_file", "encryption_keys_env")
+# The chart's own keys in a provider's value, never written to broker.toml (the same list as
+# "broker.chartProviderKeys" in helm/broker/templates/_helpers.tpl).
+CHART_PROVIDER_KEYS: dict[str, dict[str, Any]] = {
+    "clientSecret": {
+        "type": "string",
+        "description": "Stored in the chart's Secret, mounted as a file.",
+    },
+    "public": {"type": "boolean", "description": "A public client: no client secret."},
+}
+# Provider settings the chart refuses: an inline secret would be written into the ConfigMap
+# (its clientSecret goes into the Secret instead).
+CHART_REFUSED_PROVIDER_SETTINGS = ("client_secret",)
 _BLOCK = re.compile(r"(<!-- settings:begin (\w+) -->\n)(.*?)(<!-- settings:end -->)", re.DOTALL)
 
 
@@ -111,10 +126,8 @@ def chart_config_schema() -> dict[str, Any]:
     schema = config_schema()
     fields = settings_of(Settings)
     tables = [name for name, field in fields.items() if is_table(field)]
-    properties = {  # defaults are the chart's (values.yaml); formats are not asserted alike
-        name: {
-            k: v for k, v in _without_formats(schema["properties"][name]).items() if k != "default"
-        }
+    properties = {
+        name: _chart_setting(schema["properties"][name])
         for name in fields
         if name not in CHART_OWNED and name not in tables
     }
@@ -128,10 +141,42 @@ def chart_config_schema() -> dict[str, Any]:
     }
 
 
+def chart_providers_schema() -> dict[str, Any]:
+    """The ``providers`` object of the chart's values.schema.json: name → provider."""
+    schema = config_schema()
+    [name_pattern] = schema["properties"]["providers"]["patternProperties"]
+    provider = schema["$defs"][ProviderSettings.__name__]
+    # In a values file a setting is given or left out: the null that the JSON Schema allows
+    # for an optional setting is refused, as the templates would take it for a given setting
+    # (hasKey client_secret_env: no secret file) and then write nothing to broker.toml.
+    properties = {
+        name: _chart_setting(_without_null(setting))
+        for name, setting in provider["properties"].items()
+        if name not in CHART_REFUSED_PROVIDER_SETTINGS
+    }
+    rules = {key: provider[key] for key in ("required", "anyOf") if key in provider}
+    return {
+        "type": "object",
+        "description": "broker.toml [providers.<name>] tables (docs/configuration.md): broker's "
+        "provider settings but an inline client_secret, generated from "
+        f"broker/settings_providers.py by `{REGENERATE}`, and the chart's own keys.",
+        "propertyNames": {"pattern": name_pattern},
+        "additionalProperties": {
+            "type": "object",
+            "properties": {**properties, **CHART_PROVIDER_KEYS},
+            **rules,
+            "propertyNames": {"not": {"enum": list(CHART_REFUSED_PROVIDER_SETTINGS)}},
+            "additionalProperties": False,
+        },
+    }
+
+
 def render_chart_schema(text: str) -> str:
-    """``text`` (values.schema.json) with its ``config`` object regenerated."""
+    """``text`` (values.schema.json) with its ``config`` and ``providers`` objects
+    regenerated."""
     document = json.loads(text)
     document["properties"]["config"] = chart_config_schema()
+    document["properties"]["providers"] = chart_providers_schema()
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -141,6 +186,20 @@ def generated() -> dict[Path, str]:
         DOCS: render_docs(DOCS.read_text(encoding="utf-8")),
         CHART_SCHEMA: render_chart_schema(CHART_SCHEMA.read_text(encoding="utf-8")),
     }
+
+
+def _chart_setting(schema: dict[str, Any]) -> dict[str, Any]:
+    """A setting's schema in the chart's: defaults are the chart's (values.yaml) or broker's,
+    not stated; formats are not asserted alike by every validator."""
+    return {k: v for k, v in _without_formats(schema).items() if k != "default"}
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` without the null option of an optional setting."""
+    options = [option for option in schema.get("anyOf", []) if option != {"type": "null"}]
+    if "anyOf" not in schema or len(options) != 1:
+        return schema
+    return {**{k: v for k, v in schema.items() if k != "anyOf"}, **options[0]}
 
 
 def _without_formats(schema: Any) -> Any:
@@ -218,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m broker.settings_docs",
         description="Regenerate the settings tables of docs/configuration.md and the config "
-        "part of helm/broker/values.schema.json from the settings models.",
+        "and providers parts of helm/broker/values.schema.json from the settings models.",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 if a file is stale")
     args = parser.parse_args(argv)

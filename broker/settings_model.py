@@ -4,17 +4,17 @@ with :class:`~broker.settings_providers.ProviderSettings` and
 
 Everything else is generated from these models: validation and its error messages
 (``broker.config``), the ``BROKER_<NAME>`` environment variables, ``broker config-schema``, the
-settings tables of docs/configuration.md and the ``config`` part of the Helm chart's
-values.schema.json (``python -m broker.settings_docs``).
+settings tables of docs/configuration.md and the ``config`` and ``providers`` parts of the Helm
+chart's values.schema.json (``python -m broker.settings_docs``).
 
 To add a setting, add one field to the model it belongs to, with its type (``Count`` for whole
 numbers, ``Number`` for seconds), its default, its constraints (``ge``, ``le``, ``gt``, a
 ``Check``) and a ``description`` (the documentation's "meaning"); rules that involve several
 settings go in a model validator raising ``setting_error(name, problem)``. Then run
 ``python -m broker.settings_docs`` to regenerate the documentation and the chart's schema
-(tests/test_settings_generated.py fails until you do). Nothing else is written by hand, except
-for a provider setting its entry in the chart's ``providers`` schema, which is not generated yet
-(``.ci/deploy-checks.sh`` says when it is missing).
+(tests/test_settings_generated.py fails until you do). Nothing else is written by hand; only a
+new ``[[clients]]`` setting also needs the Helm chart, which passes a client's keys by name (its
+``clients`` schema and the clients.toml template).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 from broker.settings_types import (
     SHA256_HEX,
@@ -34,12 +35,21 @@ ClientAuth = Literal["client_secret_basic", "client_secret_post"]
 CLIENT_AUTH_METHODS: tuple[str, ...] = get_args(ClientAuth)
 ENDPOINTS = ("token_url", "authorize_url", "revocation_url", "issuer", "discovery_url")
 SECRET_SOURCES = ("client_secret", "client_secret_env", "client_secret_file")
+# The rule of ``_endpoints_and_secret`` that a provider has a token endpoint, a non-empty
+# ``token_url``, or discovers one, in its JSON Schema (for editors and the Helm chart's schema).
+TOKEN_ENDPOINT_GIVEN: JsonDict = {
+    "anyOf": [
+        {"required": ["token_url"], "properties": {"token_url": {"minLength": 1}}},
+        {"required": ["issuer"], "properties": {"issuer": {"type": "string"}}},
+        {"required": ["discovery_url"], "properties": {"discovery_url": {"type": "string"}}},
+    ]
+}
 
 
 class ProviderSettings(DataclassFields, BaseModel):
     """A [providers.<name>] table: an OAuth2 authorization server; the name is in API paths."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=TOKEN_ENDPOINT_GIVEN)
 
     name: Derived[str]  # the table's name
     token_url: Annotated[UrlOrEmpty, ShownDefault("required (unless discovered)")] = Field(

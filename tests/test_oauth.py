@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -22,15 +21,16 @@ async def oauth() -> AsyncIterator[OAuthClient]:
 
 
 def settings_for(dev: DevProvider, **changes: object) -> ProviderSettings:
-    base = ProviderSettings(
-        name="dev",
-        token_url=dev.token_url,
-        revocation_url=dev.revocation_url,
-        client_id=dev.settings.client_id,
-        client_secret=Secret(dev.settings.client_secret),
-        client_auth=dev.settings.client_auth,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    """The dev provider's settings with ``changes``, validated as configured ones are."""
+    base = {
+        "name": "dev",
+        "token_url": dev.token_url,
+        "revocation_url": dev.revocation_url,
+        "client_id": dev.settings.client_id,
+        "client_secret": Secret(dev.settings.client_secret),
+        "client_auth": dev.settings.client_auth,
+    }
+    return ProviderSettings.model_validate({**base, **changes})
 
 
 async def test_refresh_returns_rotated_tokens(oauth: OAuthClient, provider: DevProvider) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -14,15 +15,19 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from broker.config import ClientSettings, ProviderSettings, Settings
 from broker.settings_docs import (
     CHART_OWNED,
+    CHART_PROVIDER_KEYS,
+    CHART_REFUSED_PROVIDER_SETTINGS,
     CHART_SCHEMA,
     DOCS,
     REGENERATE,
     ROOT,
     chart_config_schema,
+    chart_providers_schema,
     config_schema,
     generated,
 )
@@ -64,6 +69,24 @@ def test_the_chart_passes_every_setting_through_but_its_own() -> None:
     assert config == chart_config_schema()
 
 
+def test_the_chart_passes_every_provider_setting_through_but_an_inline_secret() -> None:
+    providers = json.loads(CHART_SCHEMA.read_text(encoding="utf-8"))["properties"]["providers"]
+    provider = providers["additionalProperties"]
+    expected = set(settings_of(ProviderSettings)) - set(CHART_REFUSED_PROVIDER_SETTINGS)
+    assert set(provider["properties"]) == expected | set(CHART_PROVIDER_KEYS)
+    assert provider["propertyNames"]["not"]["enum"] == ["client_secret"]
+    assert provider["required"] == ["client_id"]
+    assert providers == chart_providers_schema()
+    assert "$ref" not in json.dumps(providers)  # the chart's schema stands alone
+
+
+def test_the_chart_provider_keys_are_the_ones_its_templates_keep_out_of_broker_toml() -> None:
+    helpers = (ROOT / "helm/broker/templates/_helpers.tpl").read_text(encoding="utf-8")
+    keys = re.search(r'define "broker\.chartProviderKeys" -}}(.*?){{-', helpers)
+    assert keys is not None
+    assert set(keys.group(1).split()) == set(CHART_PROVIDER_KEYS)
+
+
 def chart_values() -> list[tuple[str, dict[str, Any]]]:
     files = [ROOT / "helm/broker/values.yaml", *sorted((ROOT / "helm/broker/ci").glob("*.yaml"))]
     return [(path.name, yaml.safe_load(path.read_text(encoding="utf-8"))) for path in files]
@@ -74,10 +97,63 @@ def test_the_charts_own_values_fit_its_config_schema(name: str, values: dict[str
     jsonschema.Draft7Validator(chart_config_schema()).validate(values.get("config") or {})
 
 
+@pytest.mark.parametrize(("name", "values"), chart_values(), ids=[n for n, _ in chart_values()])
+def test_the_charts_own_values_fit_its_providers_schema(name: str, values: dict[str, Any]) -> None:
+    jsonschema.Draft7Validator(chart_providers_schema()).validate(values.get("providers") or {})
+
+
 def test_the_chart_schema_refuses_what_broker_refuses() -> None:
     validator = jsonschema.Draft7Validator(chart_config_schema())
     for bad in ({"port": 8080}, {"authorization_ttl": 30}, {"log_format": "xml"}, {"nope": 1}):
         assert not validator.is_valid(bad), bad
+
+
+GOOD_PROVIDER = {"token_url": "https://idp.example/token", "client_id": "broker"}
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        {"client_id": "broker"},  # no token endpoint, nor one to discover
+        {**GOOD_PROVIDER, "token_url": ""},
+        {**GOOD_PROVIDER, "token_url": "ftp://idp.example/token"},
+        {**GOOD_PROVIDER, "client_id": ""},
+        {**GOOD_PROVIDER, "client_auth": "private_key_jwt"},
+        {**GOOD_PROVIDER, "pkce": "no"},
+        {**GOOD_PROVIDER, "max_concurrency": 5000},
+        {**GOOD_PROVIDER, "scopes": [""]},
+        {**GOOD_PROVIDER, "name": "other"},
+        {**GOOD_PROVIDER, "nope": 1},
+    ],
+)
+def test_the_chart_provider_schema_refuses_what_broker_refuses(provider: dict[str, Any]) -> None:
+    assert not jsonschema.Draft7Validator(chart_providers_schema()).is_valid({"p": provider})
+    with pytest.raises(ValidationError):
+        Settings.model_validate({"providers": {"p": provider}})
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        {**GOOD_PROVIDER, "client_secret": "inline"},  # would be written into the ConfigMap
+        {**GOOD_PROVIDER, "client_secret_env": None},  # a null key would pass for a given one
+    ],
+)
+def test_the_chart_provider_schema_refuses_what_the_chart_refuses(
+    provider: dict[str, Any],
+) -> None:
+    assert not jsonschema.Draft7Validator(chart_providers_schema()).is_valid({"p": provider})
+
+
+def test_the_chart_provider_schema_accepts_the_charts_own_keys_and_discovery() -> None:
+    validator = jsonschema.Draft7Validator(chart_providers_schema())
+    for good in (
+        {**GOOD_PROVIDER, "clientSecret": "s"},
+        {"issuer": "https://idp.example", "client_id": "broker", "public": True},
+        {"discovery_url": "https://idp.example/.well-known/x", "client_id": "broker"},
+    ):
+        validator.validate({"p": good})
+    assert not validator.is_valid({"Not A Name": GOOD_PROVIDER})
 
 
 def example_configs() -> list[Path]:
@@ -93,6 +169,24 @@ def test_the_example_configurations_fit_the_json_schema(path: Path) -> None:
     jsonschema.Draft202012Validator(config_schema()).validate(document)
 
 
+def example_providers() -> dict[str, dict[str, Any]]:
+    """The provider tables of the example configurations, as chart values (an inline secret
+    becomes the chart's clientSecret)."""
+    found = {}
+    for path in example_configs():
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        for name, table in document.get("providers", {}).items():
+            secret = table.pop("client_secret", None)
+            values = table if secret is None else {**table, "clientSecret": secret}
+            found[f"{path.relative_to(ROOT)}:{name}"] = values
+    return found
+
+
+@pytest.mark.parametrize("name", example_providers())
+def test_the_example_providers_fit_the_charts_providers_schema(name: str) -> None:
+    jsonschema.Draft7Validator(chart_providers_schema()).validate({"p": example_providers()[name]})
+
+
 @pytest.mark.parametrize(
     "document",
     [
@@ -101,6 +195,8 @@ def test_the_example_configurations_fit_the_json_schema(path: Path) -> None:
         {"key_prefix": "has space"},
         {"providers": {"alfresco": {"token_url": "https://idp.example/token"}}},
         {"providers": {"alfresco": {"client_id": "b", "pkce": "no"}}},
+        {"providers": {"alfresco": {"client_id": "b"}}},
+        {"providers": {"alfresco": {"client_id": "b", "token_url": ""}}},
         {"clients": [{"name": "c", "key_sha256": "abc", "providers": ["*"], "permissions": []}]},
         {"bogus": 1},
     ],

@@ -3,7 +3,6 @@ and the locked dependencies the image has. Standard library, broker and its depe
 
 import json
 import pathlib
-from dataclasses import fields
 
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -17,9 +16,9 @@ def schema_matches_broker(schema_path: str) -> bool:
     settings minus an inline client_secret, plus the chart's clientSecret and public."""
     schema = json.loads(pathlib.Path(schema_path).read_text())["properties"]
     chart_owned = {"host", "port", "redis_url", "encryption_keys_file", "encryption_keys_env"}
-    top = {f.name for f in fields(Settings)} - {"encryption_keys", "ephemeral_encryption_key"}
+    top = set(Settings.model_fields) - {"encryption_keys", "ephemeral_encryption_key"}
     top = (top | {"encryption_keys_file", "encryption_keys_env"}) - {"providers", "clients"}
-    prov = {f.name for f in fields(ProviderSettings)} - {"name", "client_secret"}
+    prov = set(ProviderSettings.model_fields) - {"name", "client_secret"}
     prov |= {"client_secret_env", "client_secret_file"}
     in_schema = set(schema["config"]["properties"])
     prov_schema = set(schema["providers"]["additionalProperties"]["properties"])
