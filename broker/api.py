@@ -22,6 +22,7 @@ from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.errors import BrokerError, InvalidRequest, InvalidState, ProviderNotFound, Unavailable
 from broker.grants import GrantImport, GrantService
+from broker.listing import DEFAULT_LIMIT, MAX_LIMIT, STATES, GrantListing
 from broker.metrics import Metrics
 from broker.middlewares import client_of
 from broker.models import iso, validate_user_id
@@ -120,6 +121,24 @@ async def get_grant(request: web.Request) -> web.Response:
     authorize(client_of(request), "grants:read", provider)
     grant = await request.app[GRANTS].status(provider, user_id)
     return _answer(GrantStatus.model_validate(grant.status()))
+
+
+async def list_grants(request: web.Request) -> web.Response:
+    provider = request.match_info["provider"]
+    authorize(client_of(request), "grants:read", provider)
+    request.app[PROVIDERS].get(provider)
+    state = request.query.get("state")
+    if state is not None and state not in STATES:
+        raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
+    limit = _int_query(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    page = await GrantListing(request.app[STORE]).page(
+        provider, state, limit, request.query.get("cursor")
+    )
+    answer = schemas.GrantList(
+        grants=[GrantStatus.model_validate(grant.status()) for grant in page.grants],
+        next_cursor=page.next_cursor,
+    )
+    return _answer(answer)
 
 
 async def delete_grant(request: web.Request) -> web.Response:
@@ -256,6 +275,7 @@ HANDLERS: dict[str, Handler] = {
     "getToken": get_token,
     "importGrant": put_grant,
     "getGrant": get_grant,
+    "listGrants": list_grants,
     "deleteGrant": delete_grant,
     "startAuthorization": start_authorization,
     "oauthCallback": oauth_callback,

@@ -1,5 +1,5 @@
 """The ``broker`` command: serve, demo, keygen, apikey, check-config, openapi,
-config-schema."""
+config-schema, grants list."""
 
 from __future__ import annotations
 
@@ -66,6 +66,29 @@ def main(argv: list[str] | None = None) -> None:
     openapi.add_argument(
         "--config", "-c", help="TOML file: the document as that configuration serves it"
     )
+    grants = commands.add_parser("grants", help="inspect the grants in the configured Redis")
+    grants_commands = grants.add_subparsers(dest="grants_command", required=True)
+    listing = grants_commands.add_parser(
+        "list",
+        help="list one provider's grants (statuses, never a secret)",
+        description="Read the grants of one provider straight from the configured Redis, "
+        "decrypting with BROKER_ENCRYPTION_KEYS, and print their statuses: a table, or one JSON "
+        "object per line (the same as GET /v1/grants/{provider}). Records that cannot be "
+        "decrypted are named on stderr.",
+    )
+    listing.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("BROKER_CONFIG"),
+        help="TOML file (default: $BROKER_CONFIG)",
+    )
+    listing.add_argument("--provider", "-p", required=True, help="the provider's name")
+    listing.add_argument(
+        "--state",
+        choices=["active", "refresh_failing", "reauth_required"],
+        help="only grants in this state",
+    )
+    listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     args = parser.parse_args(argv)
 
     if args.command == "keygen":
@@ -87,6 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "check-config":
         settings = _settings(args.config)
         print(_summary(settings))
+    elif args.command == "grants":
+        from broker.grants_cli import list_grants
+        from broker.logs import configure_logging
+
+        settings = _settings(args.config)
+        configure_logging(settings.log_format, settings.log_level)  # stderr: stdout is data
+        raise SystemExit(list_grants(settings, args.provider, args.state, as_json=args.json))
     elif args.command == "demo":
         from broker.demo import DemoOptions, run
 

@@ -196,6 +196,46 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
     ),
     Operation(
+        operation_id="listGrants",
+        method="GET",
+        path=r"/v1/grants/{provider:[^/]+}",
+        tag="grants",
+        summary="List a provider's grants",
+        description="Lists the grants held for this provider, a page at a time, each as its "
+        "status (never a secret): for on-call, and for applications that prompt users to "
+        "connect again (`state=reauth_required`). Pass each answer's `next_cursor` as `cursor` "
+        "until it is null.\n\n"
+        "The cost of a page does not grow with the number of grants stored (a few Redis `SCAN` "
+        "or `SSCAN` calls), so a page may hold fewer than `limit` grants, even none, with a "
+        "non-null `next_cursor`: only a null `next_cursor` ends the listing. A listing that "
+        "runs while grants are created and deleted returns every grant that existed throughout "
+        "at least once, and may return one more than once. Records that cannot be decrypted "
+        "are left out (a read of one answers `500 grant_unreadable`); each is logged as a "
+        "security event and counted in `broker_grants_unreadable`.",
+        permission="grants:read",
+        query=(
+            Param(
+                "state",
+                "Only grants in this state; all grants when absent.",
+                {"type": "string", "enum": ["active", "refresh_failing", "reauth_required"]},
+            ),
+            Param(
+                "limit",
+                "The most grants one page holds.",
+                {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            ),
+            Param(
+                "cursor",
+                "`next_cursor` of the previous page, as is (opaque); absent for the first page. "
+                "A cursor of another provider's or state's listing, or a malformed one, is "
+                "`400 invalid_request`.",
+                {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,1024}$"},
+            ),
+        ),
+        replies={200: Reply("A page of grants.", schemas.GrantList, headers=NO_STORE)},
+        problems=("invalid_request", "provider_not_found", "store_unavailable"),
+    ),
+    Operation(
         operation_id="deleteGrant",
         method="DELETE",
         path=GRANT,

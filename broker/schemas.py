@@ -29,6 +29,7 @@ __all__ = [
     "Authorization",
     "AuthorizationRequest",
     "GrantImport",
+    "GrantList",
     "GrantStatus",
     "Health",
     "Problem",
@@ -222,31 +223,30 @@ class Token(_Answer):
     )
 
 
+GRANT_STATUS_EXAMPLE = {
+    "provider": "alfresco",
+    "user_id": "u-1",
+    "state": "active",
+    "scope": "public_api",
+    "access_expires_at": "2026-11-25T02:00:00Z",
+    "next_refresh_at": "2026-11-25T01:54:21Z",
+    "last_refreshed_at": "2026-11-25T01:00:00Z",
+    "refresh_count": 12,
+    "consecutive_failures": 0,
+    "last_error": None,
+    "refresh_token_issued_at": "2026-11-25T01:00:00Z",
+    "refresh_token_expires_at": None,
+    "created_at": "2026-11-20T09:12:00Z",
+    "updated_at": "2026-11-25T01:00:00Z",
+}
+
+
 class GrantStatus(_Answer):
     """What the broker holds for one (provider, user id), without any secret."""
 
     # Open, for clients, as fields get added. A field Grant.status() has and this model lacks
     # would be dropped from answers: tests/test_contract.py fails on that.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "example": {
-                "provider": "alfresco",
-                "user_id": "u-1",
-                "state": "active",
-                "scope": "public_api",
-                "access_expires_at": "2026-11-25T02:00:00Z",
-                "next_refresh_at": "2026-11-25T01:54:21Z",
-                "last_refreshed_at": "2026-11-25T01:00:00Z",
-                "refresh_count": 12,
-                "consecutive_failures": 0,
-                "last_error": None,
-                "refresh_token_issued_at": "2026-11-25T01:00:00Z",
-                "refresh_token_expires_at": None,
-                "created_at": "2026-11-20T09:12:00Z",
-                "updated_at": "2026-11-25T01:00:00Z",
-            },
-        },
-    )
+    model_config = ConfigDict(json_schema_extra=_example(GRANT_STATUS_EXAMPLE))
 
     provider: str = Field(description="The provider's name.")
     user_id: str = Field(description="The user id, decoded.")
@@ -286,6 +286,27 @@ class GrantStatus(_Answer):
     )
     created_at: str = _timestamp("When the grant was first stored.")
     updated_at: str = _timestamp("When the grant last changed.")
+
+
+class GrantList(_Answer):
+    """A page of one provider's grants. Pass `next_cursor` back as `cursor` for the next page
+    until it is null. A page may hold fewer grants than `limit`, even none, while
+    `next_cursor` is not null; a grant that exists throughout a listing appears in it at least
+    once, possibly more than once when grants change meanwhile. Order is unspecified."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_example(
+            {
+                "grants": [GRANT_STATUS_EXAMPLE],
+                "next_cursor": "MS5hbGZyZXNjby5hbGwuMC4xNzkyLi4w",
+            }
+        )
+    )
+
+    grants: list[GrantStatus] = Field(description="The grants of this page, each its status.")
+    next_cursor: str | None = Field(
+        description="The `cursor` of the next page, opaque; null when the listing is complete."
+    )
 
 
 class Authorization(_Answer):

@@ -161,9 +161,16 @@ class Keys:
     def grant_key(self, provider: str, user_id: str) -> str:
         return self._tag(provider, user_id) + ":grant"
 
-    def grant_key_pattern(self) -> str:
-        """A SCAN pattern matching every grant key of this prefix (and no other key)."""
-        return f"{self._prefix}:{{*}}:grant"
+    def member_grant_key(self, provider: str, m: str) -> str:
+        """The grant key of a member (base64url user id) as scans and indexes hold it."""
+        return f"{self._prefix}:{{{provider}:{m}}}:grant"
+
+    def grant_key_pattern(self, provider: str | None = None) -> str:
+        """A SCAN pattern matching every grant key of this prefix, or of one provider (neither
+        a prefix nor a provider name can hold a glob character)."""
+        if provider is None:
+            return f"{self._prefix}:{{*}}:grant"
+        return f"{self._prefix}:{{{provider}:*}}:grant"
 
     def parse_grant_key(self, key: bytes | str) -> tuple[str, str] | None:
         """(provider, member) of a grant key, or None for a key that only looks like one."""
@@ -230,6 +237,11 @@ class GrantStore:
             )
         if version is None or not isinstance(blob, bytes):
             return None
+        return self.decode(provider, user_id, version, blob)
+
+    def decode(self, provider: str, user_id: str, version: bytes | str | int, blob: bytes) -> Grant:
+        """A stored record (its ``v`` and ``blob`` fields) as a Grant; GrantUnreadable, counted,
+        if it fails authentication or decryption."""
         try:
             payload = self._keyring.decrypt(blob, grant_aad(provider, user_id))
             return Grant.from_payload(provider, user_id, int(version), payload)

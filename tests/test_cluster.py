@@ -124,3 +124,26 @@ async def test_grants_refresh_and_revoke_on_a_cluster(
     assert status == 204
     assert headers["Broker-Revocation"] == "revoked"
     assert (await broker.grant("u-0"))[0] == 404
+
+
+async def test_grant_listing_covers_every_primary_of_a_cluster(
+    cluster: str, make_broker: BrokerFactory
+) -> None:
+    from tests.test_grant_listing import grant, list_all, seed
+
+    broker = await make_broker(redis_url=cluster)
+    users = [f"listed-{i}" for i in range(300)]
+    await seed(
+        broker,
+        [grant(u, "reauth_required" if i % 3 == 0 else "active") for i, u in enumerate(users)],
+    )
+    store = broker.app[STORE]
+    slots = {key_slot(store.keys.grant_key("dev", u).encode()) for u in users}
+    assert len(slots) > 100  # spread over every node
+    listed, pages = await list_all(broker, limit=40)
+    assert sorted(set(listed)) == sorted(users)
+    assert pages >= 8
+    reauth, _ = await list_all(broker, "&state=reauth_required", limit=40)
+    assert sorted(set(reauth)) == sorted(users[0::3])
+    active, _ = await list_all(broker, "&state=active", limit=40)
+    assert sorted(set(active)) == sorted(u for i, u in enumerate(users) if i % 3)
