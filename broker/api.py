@@ -25,7 +25,7 @@ from broker.grants import GrantImport, GrantService
 from broker.listing import DEFAULT_LIMIT, MAX_LIMIT, STATES, GrantListing
 from broker.metrics import Metrics
 from broker.middlewares import client_of
-from broker.models import iso, validate_user_id
+from broker.models import Grant, iso, validate_user_id
 from broker.openapi import document
 from broker.providers import ProviderRegistry
 from broker.refresh import Refresher
@@ -61,12 +61,12 @@ BROWSER = {
 }
 
 
-def grant_path(request: web.Request) -> tuple[str, str]:
-    """(provider, user id) from the raw path: the user id is the last segment, percent-decoded
-    strictly here because aiohttp leaves invalid UTF-8 escapes such as ``%FF`` undecoded, which
-    would make two different inputs name one grant."""
+def grant_path(request: web.Request, trailing: int = 0) -> tuple[str, str]:
+    """(provider, user id) from the raw path: the user id is the last segment but ``trailing``
+    fixed ones, percent-decoded strictly here because aiohttp leaves invalid UTF-8 escapes such
+    as ``%FF`` undecoded, which would make two different inputs name one grant."""
     provider = request.match_info["provider"]
-    segment = request.raw_path.partition("?")[0].rsplit("/", 1)[-1]
+    segment = request.raw_path.partition("?")[0].rsplit("/", 1 + trailing)[-1 - trailing]
     if BAD_PERCENT.search(segment):
         raise InvalidRequest("user id has a malformed percent-escape")
     try:
@@ -83,10 +83,26 @@ async def get_token(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     min_ttl = _int_query(request, "min_ttl", settings.default_min_ttl, 0, settings.max_min_ttl)
     grant = await request.app[REFRESHER].token(provider, user_id, min_ttl)
+    return _hand_out(request, client.name, grant)
+
+
+async def report_rejected_token(request: web.Request) -> web.Response:
+    provider, user_id = grant_path(request, trailing=1)
+    client = client_of(request)
+    authorize(client, "tokens:read", provider)
+    request.app[PROVIDERS].get(provider)
+    body = schemas.RejectedToken.parse(await _json_object(request))
+    refresher = request.app[REFRESHER]
+    grant = await refresher.replace_rejected(provider, user_id, body.rejected_token)
+    return _hand_out(request, client.name, grant)
+
+
+def _hand_out(request: web.Request, client: str, grant: Grant) -> web.Response:
+    """The grant's access token as a ``Token`` answer, counted and written to the audit log."""
     assert grant.access_token is not None
     assert grant.access_expires_at is not None
-    request.app[METRICS].token_handouts.labels(provider, client.name).inc()
-    audit.info("token.handout", client=client.name, provider=provider, user_id=user_id)
+    request.app[METRICS].token_handouts.labels(grant.provider, client).inc()
+    audit.info("token.handout", client=client, provider=grant.provider, user_id=grant.user_id)
     expires_at = grant.access_expires_at
     answer = Token(
         access_token=grant.access_token,
@@ -273,6 +289,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 HANDLERS: dict[str, Handler] = {
     "getToken": get_token,
+    "reportRejectedToken": report_rejected_token,
     "importGrant": put_grant,
     "getGrant": get_grant,
     "listGrants": list_grants,

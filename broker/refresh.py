@@ -10,12 +10,15 @@ revoke the whole grant when a used one comes back, so a refresh token is present
 - tokens the provider issued are kept and their write retried through a Redis outage
   (``broker/issued.py``), while callers get the new access token at once;
 - every write is fenced on the version that was read, so a stale writer changes nothing, and a
-  refresh that finds a newer record afterwards returns it instead of its own verdict.
+  refresh that finds a newer record afterwards returns it instead of its own verdict;
+- an access token a resource server refused is replaced at most once however many callers
+  report it: the refresh is needed only while the grant still holds that token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,7 +46,7 @@ from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
 
-Trigger = Literal["on_demand", "scheduled", "probe", "import"]
+Trigger = Literal["on_demand", "scheduled", "probe", "import", "reported"]
 
 
 @dataclass(slots=True)
@@ -54,6 +57,7 @@ class _Flight:
     result: asyncio.Future[Grant]  # set early when the new tokens' write is delayed
     min_ttl: float
     background: bool  # the scheduler's: gives way to a busy lock at once (LockBusy)
+    rejected: str | None = None  # a reported flight's: needed while the grant holds this token
 
 
 class Refresher:
@@ -123,6 +127,38 @@ class Refresher:
             raise UpstreamUnavailable("the access token expired and could not be refreshed")
         return grant
 
+    async def replace_rejected(self, provider: str, user_id: str, rejected: str) -> Grant:
+        """A grant whose access token is not ``rejected``: refreshed once if it still holds
+        that token (its reporters, on every replica, share that refresh), else as it is (or
+        refreshed only if its token has expired, as :meth:`token` would with ``min_ttl=0``)."""
+        self.providers.get(provider)
+        grant = await self._read(provider, user_id)
+        log.info(
+            "refresh.reported",
+            provider=provider,
+            user_id=user_id,
+            current=holds(grant, rejected),
+        )
+        # A flight of this grant already running here (on demand, scheduled, or for another
+        # reported token) may end with the rejected token still held: then ours starts.
+        for _ in range(3):
+            if not holds(grant, rejected):
+                if grant.valid_for(self.clock()) > 0:
+                    return grant
+                return await self.token(provider, user_id, 0.0)
+            flight = self._flight(provider, user_id, 0.0, "reported", rejected)
+            try:
+                grant = await asyncio.shield(flight.result)
+            except LockBusy:
+                if not flight.background:
+                    raise
+                grant = await self._read(provider, user_id)  # a scheduled one gave way
+                continue
+            reported = flight.rejected
+            if reported is not None and holds(grant, rejected) and holds(grant, reported):
+                break  # a flight for this very token could not replace it (provider failing)
+        raise UpstreamUnavailable("the rejected access token could not be replaced now")
+
     async def refresh_due(self, provider: str, user_id: str, *, probe: bool = False) -> Grant:
         """Refresh a grant whose scheduled time has come (the scheduler's entry point); a
         ``probe`` of a half-open circuit refreshes it whatever its due time."""
@@ -133,15 +169,24 @@ class Refresher:
         """Whether this process is refreshing that grant now."""
         return (provider, user_id) in self._inflight
 
-    def _flight(self, provider: str, user_id: str, min_ttl: float, trigger: Trigger) -> _Flight:
+    def _flight(
+        self,
+        provider: str,
+        user_id: str,
+        min_ttl: float,
+        trigger: Trigger,
+        rejected: str | None = None,
+    ) -> _Flight:
         """The refresh of this grant in flight in this process, or a new one."""
         key = (provider, user_id)
         flight = self._inflight.get(key)
         if flight is None:
             result: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(self._refresh(provider, user_id, min_ttl, trigger, result))
+            task = asyncio.create_task(
+                self._refresh(provider, user_id, min_ttl, trigger, result, rejected)
+            )
             background = trigger in ("scheduled", "probe")
-            flight = _Flight(task, result, 0.0 if background else min_ttl, background)
+            flight = _Flight(task, result, 0.0 if background else min_ttl, background, rejected)
             self._inflight[key] = flight
             task.add_done_callback(lambda t: self._landed(key, flight))
         return flight
@@ -183,11 +228,16 @@ class Refresher:
         min_ttl: float,
         trigger: Trigger,
         result: asyncio.Future[Grant],
+        rejected: str | None = None,
     ) -> Grant:
         def satisfied(grant: Grant) -> bool:
             now = self.clock()
             if trigger == "probe":
                 return False
+            if rejected is not None:
+                # Replaced meanwhile (by another flight or replica): the new token is the
+                # answer, whatever its remaining lifetime.
+                return not holds(grant, rejected)
             if trigger == "scheduled":
                 # Not due yet (refreshed elsewhere meanwhile). A failing grant is tried
                 # whenever it is claimed: a recovered provider made it due early.
@@ -218,6 +268,8 @@ class Refresher:
             if background:
                 raise
             grant = await self._read(provider, user_id)
+            if rejected is not None and not satisfied(grant):
+                raise  # the rejected token is no answer
             if grant.valid_for(self.clock()) > 0:
                 return grant  # a still-valid token beats an error
             raise
@@ -231,7 +283,7 @@ class Refresher:
             try:
                 return await self._refresh_locked(grant, held, trigger, result)
             except LockLost:
-                if background or grant.valid_for(self.clock()) > 0:
+                if rejected is None and (background or grant.valid_for(self.clock()) > 0):
                     return grant
                 raise
         finally:
@@ -322,3 +374,14 @@ class Refresher:
         if grant.state == "reauth_required":
             raise ReauthRequired(f"the user must authorize {provider!r} again ({grant.last_error})")
         return grant
+
+
+def holds(grant: Grant, access_token: str) -> bool:
+    """Whether ``grant`` holds this access token, compared in constant time (surrogates a
+    provider escaped in a token are compared as they came)."""
+    if grant.access_token is None:
+        return False
+    return hmac.compare_digest(
+        grant.access_token.encode("utf-8", "surrogatepass"),
+        access_token.encode("utf-8", "surrogatepass"),
+    )

@@ -4,89 +4,19 @@ it answers, with the words clients read. ``api.add_routes`` registers a handler 
 other. Nothing here imports aiohttp.
 
 Limits that are settings (``default_min_ttl``, ``max_min_ttl``, ``max_body_bytes``) appear in
-the document through :class:`Limits`, taken from the running settings.
+the document through :class:`Limits`, taken from the running settings. The row types are in
+``broker.route_types``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
-
-from pydantic import BaseModel
+from collections.abc import Mapping
+from typing import Any
 
 from broker import schemas
-from broker.config import Settings
-from broker.schemas import ProblemCode
+from broker.route_types import Limits, Operation, Param, Permission, Reply
 
-__all__ = ["OPERATIONS", "Limits", "Operation", "Param", "Reply"]
-
-Permission = Literal["tokens:read", "grants:write", "grants:read"]
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """The settings the contract shows."""
-
-    default_min_ttl: int
-    max_min_ttl: int
-    max_body_bytes: int
-
-    @classmethod
-    def of(cls, settings: Settings) -> Limits:
-        return cls(settings.default_min_ttl, settings.max_min_ttl, settings.max_body_bytes)
-
-
-@dataclass(frozen=True, slots=True)
-class Param:
-    """A query parameter; ``schema`` may depend on the running settings."""
-
-    name: str
-    description: str
-    schema: Mapping[str, Any] | Callable[[Limits], Mapping[str, Any]]
-    required: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A documented answer other than a problem: a JSON ``model``, or another ``media`` type
-    with its ``schema``, or no body; ``headers`` are names from the document's header
-    components (``X-Request-Id`` is on every answer)."""
-
-    description: str
-    model: type[BaseModel] | None = None
-    media: str = "application/json"
-    schema: Mapping[str, Any] | None = None
-    headers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Operation:
-    """One route. ``path`` is aiohttp's pattern (``{user_id:[^/]*}``); ``permission`` None
-    means public, no API key. ``problems`` are the error codes it may answer besides those
-    every protected operation may (``unauthenticated``, ``forbidden``) and every operation
-    with a ``body`` may (``invalid_request``, ``payload_too_large``)."""
-
-    operation_id: str
-    method: str
-    path: str
-    tag: str
-    summary: str
-    description: str
-    permission: Permission | None
-    replies: Mapping[int, Reply]
-    problems: tuple[ProblemCode, ...] = ()
-    query: tuple[Param, ...] = ()
-    body: type[schemas.RequestBody] | None = None
-
-    def codes(self) -> tuple[ProblemCode, ...]:
-        """Every problem code this operation may answer."""
-        implied: list[ProblemCode] = []
-        if self.permission is not None:
-            implied += ["unauthenticated", "forbidden"]
-        if self.body is not None:
-            implied += ["invalid_request", "payload_too_large"]
-        return tuple(dict.fromkeys([*self.problems, *implied]))
+__all__ = ["OPERATIONS", "Limits", "Operation", "Param", "Permission", "Reply"]
 
 
 GRANT = r"/v1/grants/{provider:[^/]+}/{user_id:[^/]*}"
@@ -141,6 +71,46 @@ OPERATIONS: tuple[Operation, ...] = (
         replies={200: Reply("A current access token.", schemas.Token, headers=NO_STORE)},
         problems=(
             "invalid_request",
+            "provider_not_found",
+            "grant_not_found",
+            "reauth_required",
+            "grant_unreadable",
+            "upstream_unavailable",
+            "store_unavailable",
+        ),
+    ),
+    Operation(
+        operation_id="reportRejectedToken",
+        method="POST",
+        path=r"/v1/tokens/{provider:[^/]+}/{user_id:[^/]*}/refresh",
+        tag="tokens",
+        summary="Report an access token a resource server refused, and get a new one",
+        description="For a token that should still be valid but was refused by a resource "
+        "server (`401`: revoked early, keys rotated at the provider). If the grant's current "
+        "access token is `rejected_token` (compared in constant time), the broker refreshes "
+        "it; if the grant already holds another token (a refresh happened meanwhile, on any "
+        "replica), nothing is refreshed and that token is returned, or refreshed first only if "
+        "it has expired, as `GET` with `min_ttl=0` would. Either way the answer is the same as "
+        "`GET /v1/tokens/{provider}/{user_id}`.\n\n"
+        "Many callers reporting the same token, on any replicas, cause one refresh: they wait "
+        "for it and share its result, and a caller arriving after the token was replaced gets "
+        "the new one without a refresh. The broker never hands back a token reported as "
+        "rejected: when it cannot replace it now (the provider is failing, or another replica "
+        "holds the grant's lock too long) the answer is `503 upstream_unavailable` with "
+        "`Retry-After`. `409 reauth_required` means the provider rejected the refresh token.\n\n"
+        "Each report is logged (provider, user id; never the token), and each token handed out "
+        "is written to the audit log as for `GET`. The response carries "
+        "`Cache-Control: no-store`.",
+        permission="tokens:read",
+        body=schemas.RejectedToken,
+        replies={
+            200: Reply(
+                "A current access token other than the rejected one.",
+                schemas.Token,
+                headers=NO_STORE,
+            )
+        },
+        problems=(
             "provider_not_found",
             "grant_not_found",
             "reauth_required",
