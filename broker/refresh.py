@@ -114,12 +114,8 @@ class Refresher:
             if fresh_enough(grant, min_ttl, self.clock()):
                 return grant
             flight = self._flight(provider, user_id, min_ttl, "on_demand")
-            try:
-                grant = await asyncio.shield(flight.result)
-            except LockBusy:
-                if not flight.background:
-                    raise
-                grant = await self._read(provider, user_id)  # a scheduled one gave way
+            grant, answered = await self._joined(flight, provider, user_id)
+            if not answered:
                 continue
             if flight.min_ttl >= min_ttl:
                 break
@@ -147,17 +143,23 @@ class Refresher:
                     return grant
                 return await self.token(provider, user_id, 0.0)
             flight = self._flight(provider, user_id, 0.0, "reported", rejected)
-            try:
-                grant = await asyncio.shield(flight.result)
-            except LockBusy:
-                if not flight.background:
-                    raise
-                grant = await self._read(provider, user_id)  # a scheduled one gave way
+            grant, answered = await self._joined(flight, provider, user_id)
+            if not answered:
                 continue
             reported = flight.rejected
             if reported is not None and holds(grant, rejected) and holds(grant, reported):
                 break  # a flight for this very token could not replace it (provider failing)
         raise UpstreamUnavailable("the rejected access token could not be replaced now")
+
+    async def _joined(self, flight: _Flight, provider: str, user_id: str) -> tuple[Grant, bool]:
+        """The flight's grant, and whether it answers us: False when it was a scheduled one
+        that gave way to a busy lock (the grant as stored comes back instead)."""
+        try:
+            return await asyncio.shield(flight.result), True
+        except LockBusy:
+            if not flight.background:
+                raise
+            return await self._read(provider, user_id), False
 
     async def refresh_due(self, provider: str, user_id: str, *, probe: bool = False) -> Grant:
         """Refresh a grant whose scheduled time has come (the scheduler's entry point); a
