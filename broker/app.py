@@ -37,6 +37,7 @@ from broker.refresh import Refresher
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
 from broker.store import GrantStore, Guard, Keys, connect
+from broker.tls import client_context
 
 log = structlog.get_logger("broker")
 
@@ -118,7 +119,10 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[api.SETTINGS]
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=HTTP_POOL_LIMIT),
+        # Always verifying: there is no setting that turns certificate checks off.
+        connector=aiohttp.TCPConnector(
+            limit=HTTP_POOL_LIMIT, ssl=client_context(settings.ca_bundle)
+        ),
         headers={"User-Agent": USER_AGENT},
         trust_env=True,
     )

@@ -49,6 +49,7 @@ from broker.settings_types import (
     sentinel_target,
     settings_of,
 )
+from broker.tls import checked_ca_bundle
 
 __all__ = [
     "AUTHORIZATION_TTL",
@@ -104,8 +105,10 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir:
     providers = client_secrets(settings.providers, environ, base_dir)
     file_setting = environment.variables.get("encryption_keys_file", "encryption_keys_file")
     keys, ephemeral = encryption_keys(settings, environ, base_dir, file_setting)
+    ca_setting = environment.variables.get("ca_bundle", "ca_bundle")
     return settings.model_copy(
         update={
+            "ca_bundle": checked_ca_bundle(ca_setting, settings.ca_bundle, base_dir),
             "providers": providers,
             "encryption_keys": keys,
             "ephemeral_encryption_key": ephemeral,

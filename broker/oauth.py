@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -29,10 +30,39 @@ import structlog
 from broker.config import ProviderSettings, provider_url
 from broker.errors import ConfigError, ProviderError, ProviderRejected, ProviderUnavailable
 from broker.models import MAX_SCOPE_CHARS, MAX_TOKEN_CHARS, TokenSet
+from broker.tls import transport_failure
 
 MAX_RETRY_AFTER = 3600
 MAX_EXPIRES_IN = 10 * 366 * 86400
 ERROR_CODE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# Error codes an answer may put into logs, API answers and a grant's last_error: OAuth's own
+# (RFC 6749 §5.2, RFC 6750 §3.1, RFC 7009 §2.2.1, RFC 8628 §3.5, RFC 9449) and a provider's
+# configured reauth_errors. Any other is shown as unrecognized_error: a provider's `error` could
+# be anything it echoes, even the token it was sent.
+OAUTH_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "access_denied",
+        "server_error",
+        "temporarily_unavailable",
+        "invalid_token",
+        "insufficient_scope",
+        "unsupported_token_type",
+        "slow_down",
+        "expired_token",
+        "invalid_dpop_proof",
+        "use_dpop_nonce",
+        "invalid_target",
+        "consent_required",
+        "login_required",
+        "interaction_required",
+    }
+)
 RevocationOutcome = Literal["revoked", "failed", "not_supported"]
 # our setting -> the metadata field that fills it when the configuration leaves it out
 DISCOVERED_ENDPOINTS = {
@@ -93,19 +123,17 @@ class OAuthClient:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                body = await response.content.read(self._max_bytes + 1)
+                body = await _read_bounded(response, self._max_bytes)
                 status = response.status
         except TimeoutError as err:
             raise ProviderUnavailable("timeout", "no answer in time") from err
         except aiohttp.ClientError as err:
-            raise ProviderUnavailable("connection_error", type(err).__name__) from err
-        if len(body) > self._max_bytes:
-            raise ProviderUnavailable("response_too_large", f"HTTP {status}")
+            raise transport_failure(err) from err
         if status != 200:
             raise ProviderUnavailable(f"http_{status}", "the metadata document was not served")
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             document = None
         if not isinstance(document, dict):
             raise ProviderUnavailable("malformed_response", "the metadata is not a JSON object")
@@ -167,7 +195,8 @@ class OAuthClient:
         retry_after = _retry_after(headers.get("Retry-After"))
         error = fields.get("error") if fields else None
         if isinstance(error, str) and status in (400, 401, 403):
-            code = error if ERROR_CODE.match(error) else "unrecognized_error"
+            known = error in OAUTH_ERRORS or error in provider.reauth_errors
+            code = error if known and ERROR_CODE.match(error) else "unrecognized_error"
             if code in provider.reauth_errors:
                 raise ProviderRejected(code, f"HTTP {status}")
             raise ProviderUnavailable(code, f"HTTP {status}", retry_after=retry_after)
@@ -192,14 +221,26 @@ class OAuthClient:
             async with self._session.post(
                 url, data=form, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as response:
-                body = await response.content.read(self._max_bytes + 1)
-                if len(body) > self._max_bytes:
-                    raise ProviderUnavailable("response_too_large", f"HTTP {response.status}")
+                body = await _read_bounded(response, self._max_bytes)
                 return response.status, response.headers, body
         except TimeoutError as err:
             raise ProviderUnavailable("timeout", "no answer in time") from err
         except aiohttp.ClientError as err:
-            raise ProviderUnavailable("connection_error", type(err).__name__) from err
+            raise transport_failure(err) from err
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, read chunk by chunk; ProviderUnavailable as soon as it exceeds ``limit``
+    bytes (a declared Content-Length over it is refused before reading anything)."""
+    too_large = ProviderUnavailable("response_too_large", f"HTTP {response.status}")
+    if response.content_length is not None and response.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(16 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 async def discover_all(
@@ -224,7 +265,7 @@ def _parse_fields(content_type: str, body: bytes) -> dict[str, Any] | None:
     if "json" in content_type or text.startswith("{"):
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested arrays
             return None
         return value if isinstance(value, dict) else None
     if "x-www-form-urlencoded" in content_type or ("=" in text and "<" not in text):
@@ -243,27 +284,41 @@ def _token_set(fields: Mapping[str, Any], default_expires_in: int) -> TokenSet:
     token_type = fields.get("token_type", "Bearer")
     if not isinstance(token_type, str) or not token_type:
         raise ProviderUnavailable("malformed_response", "unusable token_type")
-    scope = fields.get("scope")
-    if scope is not None and (not isinstance(scope, str) or len(scope) > MAX_SCOPE_CHARS):
-        scope = None
+    if len(token_type) > 64:
+        raise ProviderUnavailable("malformed_response", "unusable token_type")
     return TokenSet(
         access_token=access,
         token_type="Bearer" if token_type.lower() == "bearer" else token_type,
         expires_in=_expires_in(fields.get("expires_in"), default_expires_in),
         refresh_token=refresh or None,
-        scope=scope,
+        scope=_scope(fields.get("scope")),
     )
 
 
+def _scope(value: Any) -> str | None:
+    """The granted scope; a list of strings (a common deviation) is joined, anything else
+    unusable is dropped (the scope is informative: no reason to lose the tokens over it)."""
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        value = " ".join(value)
+    if not isinstance(value, str) or len(value) > MAX_SCOPE_CHARS:
+        return None
+    return value
+
+
 def _expires_in(value: Any, default: int) -> int:
-    """Seconds; form-encoded answers give strings, some providers omit it."""
-    if isinstance(value, bool) or value in (None, ""):
+    """Seconds, at least 1 and at most ``MAX_EXPIRES_IN``. Form-encoded answers give strings
+    and some providers omit it; a value that is not a positive finite number (a bool, an
+    object, zero or negative, NaN) counts as not stated and ``default`` applies. The answer
+    is never refused over it: it may carry a rotated refresh token, which must not be lost."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return default
     try:
-        seconds = int(float(value))
-    except (TypeError, ValueError):
+        seconds = float(value)
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond a float's range
         return default
-    return min(max(seconds, 1), MAX_EXPIRES_IN)
+    if not math.isfinite(seconds) or seconds <= 0:
+        return default
+    return min(max(int(seconds), 1), MAX_EXPIRES_IN)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -275,6 +330,8 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         try:
             seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
+    if math.isnan(seconds):
+        return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)

@@ -148,6 +148,12 @@ class Settings(DataclassFields, BaseSettings):
         ge=1,
         description="larger provider answers are treated as garbage (transient)",
     )
+    ca_bundle: Text | None = Field(
+        default=None,
+        description="a PEM file of CA certificates trusted for calls to providers, in addition "
+        "to the system's (a private CA); relative paths are relative to the config file. "
+        "Certificates are always verified; start-up fails if the file does not load",
+    )
     redis_timeout: Number = Field(
         default=2.0,
         gt=0,

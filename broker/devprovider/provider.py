@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 from aiohttp import web
 
@@ -132,8 +133,11 @@ class DevProvider(TokenEndpoint, GrantEndpoints):
         app.router.add_get("/.well-known/oauth-authorization-server", self._discovery)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on ``host:port`` (0: any free port) and return the base URL.
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Serve on ``host:port`` (0: any free port) and return the base URL; over HTTPS with
+        ``ssl_context`` (a server context: tests of broker's certificate checks).
 
         Handlers are cancelled when their caller disconnects, so a refresh the broker gave up
         on (timeout) never rotates the refresh token behind its back.
@@ -141,9 +145,9 @@ class DevProvider(TokenEndpoint, GrantEndpoints):
         self._closing.clear()
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
         bound = self._runner.addresses[0][1]
-        self.base_url = f"http://{host}:{bound}"
+        self.base_url = f"{'http' if ssl_context is None else 'https'}://{host}:{bound}"
         return self.base_url
 
     async def close(self) -> None:
