@@ -34,6 +34,7 @@ from broker.devprovider import DevProvider, DevProviderSettings
 from broker.logs import configure_logging
 from broker.routes import Limits
 from tests.contract import CONTRACTS, check_answers, contract
+from tests.exposure import EXPOSURE, leaked
 
 PROVIDER = "dev"
 ALL_PERMISSIONS = ["tokens:read", "grants:read", "grants:write"]
@@ -57,6 +58,17 @@ def log_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     text = path.read_text(encoding="utf-8")
     leaked = sorted(s for s in SECRETS if len(s) >= 8 and s in text)
     assert not leaked, f"{len(leaked)} secret(s) appear in the logs (first: {leaked[0][:6]}...)"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exposed_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every answer of the run's brokers that is not a token hand-out (problem bodies,
+    /metrics, grant statuses; tests/exposure.py); checked for secrets at the end."""
+    EXPOSURE.path = tmp_path_factory.mktemp("exposed") / "answers.txt"
+    EXPOSURE.path.touch()
+    yield EXPOSURE.path
+    found = leaked(SECRETS, EXPOSURE.path.read_text(encoding="utf-8"))
+    assert not found, f"{len(found)} secret(s) appear in answers (first: {found[0][:6]}...)"
 
 
 @dataclass

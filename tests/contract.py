@@ -25,6 +25,7 @@ from referencing.jsonschema import DRAFT202012
 
 from broker.openapi import build, openapi_path
 from broker.routes import OPERATIONS, Limits, Operation
+from tests.exposure import EXPOSURE
 
 DOCUMENT_URI = "urn:broker:openapi"
 JSON_TYPES = ("application/json", "application/problem+json")
@@ -158,4 +159,5 @@ async def check_answers(request: ClientRequest, handler: ClientHandlerType) -> C
         body = await response.read()
         headers: CIMultiDictProxy[str] = response.headers
         checker.check(request.method, request.url.raw_path, response.status, headers, body)
+        EXPOSURE.record(request.method, request.url.raw_path, response.status, headers, body)
     return response
