@@ -282,9 +282,7 @@ def _token_set(fields: Mapping[str, Any], default_expires_in: int) -> TokenSet:
     if refresh is not None and (not isinstance(refresh, str) or len(refresh) > MAX_TOKEN_CHARS):
         raise ProviderUnavailable("malformed_response", "unusable refresh_token")
     token_type = fields.get("token_type", "Bearer")
-    if not isinstance(token_type, str) or not token_type:
-        raise ProviderUnavailable("malformed_response", "unusable token_type")
-    if len(token_type) > 64:
+    if not isinstance(token_type, str) or not 0 < len(token_type) <= 64:
         raise ProviderUnavailable("malformed_response", "unusable token_type")
     return TokenSet(
         access_token=access,

@@ -150,9 +150,10 @@ class Settings(DataclassFields, BaseSettings):
     )
     ca_bundle: Text | None = Field(
         default=None,
-        description="a PEM file of CA certificates trusted for calls to providers, in addition "
-        "to the system's (a private CA); relative paths are relative to the config file. "
-        "Certificates are always verified; start-up fails if the file does not load",
+        description="a PEM file of CA certificates trusted for broker's outbound HTTPS calls "
+        "(providers, discovery), in addition to the system's: a private CA. Relative paths are "
+        "relative to the config file. Certificates are always verified; start-up fails if the "
+        "file does not load",
     )
     redis_timeout: Number = Field(
         default=2.0,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+import broker
 from broker.app import create_app
 from broker.config import build_settings
 from broker.devprovider import DevProvider, DevProviderSettings
@@ -124,3 +125,15 @@ def test_a_relative_ca_bundle_is_relative_to_the_config_file(tmp_path: Path, pki
         {"ca_bundle": "pki/ca.pem"}, {"BROKER_ENCRYPTION_KEYS": encryption_key()}, tmp_path
     )
     assert settings.ca_bundle == str(pki.ca_pem.resolve())
+
+
+def test_nothing_in_broker_turns_certificate_checks_off() -> None:
+    """A guard for later changes: no switch, flag or shortcut disables verification."""
+    off = ("ssl=False", "CERT_NONE", "check_hostname = False", "verify_ssl", "_create_unverified")
+    found = [
+        f"{source.name}: {pattern}"
+        for source in Path(broker.__file__).parent.rglob("*.py")
+        for pattern in off
+        if pattern in source.read_text(encoding="utf-8")
+    ]
+    assert found == []
