@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from broker.client import (
     UnexpectedAnswer,
     aiohttp_middleware,
 )
+from broker.client.retry import parse_retry_after
 from broker.devprovider import DevProvider
 from tests.conftest import SECRETS, RedisServer, free_port, path
 from tests.fleet import Fleet, start_fleet, stop_fleet
@@ -319,6 +321,8 @@ class Stub:
 
     script: list[Answer]
     url: str = ""
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # answers wait until it is set
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a request came in
     arrivals: list[float] = field(default_factory=list)
     queries: list[dict[str, str]] = field(default_factory=list)
 
@@ -342,10 +346,13 @@ def problem(status: int, code: str, **headers: str) -> Answer:
 @pytest.fixture
 async def stub() -> AsyncIterator[Stub]:
     fake = Stub([])
+    fake.gate.set()
 
     async def answer(request: web.Request) -> web.Response:
         fake.arrivals.append(time.monotonic())
         fake.queries.append(dict(request.query))
+        fake.arrived.set()
+        await fake.gate.wait()
         status, body, headers = fake.script[min(len(fake.arrivals), len(fake.script)) - 1]
         if callable(body):
             body = body(request)
@@ -359,6 +366,32 @@ async def stub() -> AsyncIterator[Stub]:
     fake.url = str(server.make_url("")).rstrip("/")
     yield fake
     await server.close()
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_fetch_others_wait_for(
+    stub: Stub,
+) -> None:
+    stub.script = [(200, token_body("at-shared"), {})]
+    stub.gate.clear()
+    async with BrokerClient(stub.url, "key") as client:
+        impatient = asyncio.create_task(client.token("dev", "u-1"))
+        patient = asyncio.create_task(client.token("dev", "u-1"))
+        await asyncio.wait_for(stub.arrived.wait(), 10)  # the shared request reached it
+        impatient.cancel()
+        stub.gate.set()
+        assert (await patient).access_token == "at-shared"
+        assert (await client.token("dev", "u-1")).access_token == "at-shared"
+    assert impatient.cancelled()
+    assert len(stub.arrivals) == 1
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after("7", now) == 7.0
+    assert parse_retry_after(formatdate(now + 42, usegmt=True), now) == 42.0
+    assert parse_retry_after(formatdate(now - 42, usegmt=True), now) == 0.0
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after(None, now) is None
 
 
 async def test_a_503_with_retry_after_is_retried_after_that_wait(stub: Stub) -> None:

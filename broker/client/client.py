@@ -8,7 +8,6 @@ wall clocks of the two machines say.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -93,10 +92,12 @@ class BrokerClient:
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {self._api_key}"},
+            headers={
+                "Authorization": f"Bearer {self._api_key}",
+                "User-Agent": f"broker-client/{__version__}",
+            },
             timeout=aiohttp.ClientTimeout(total=self._timeout),
         )
-        self._session.headers["User-Agent"] = f"broker-client/{__version__}"
         return self
 
     async def __aexit__(
@@ -112,9 +113,7 @@ class BrokerClient:
         tasks = {*self._flights.values(), *self._reports.values()}
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._cache.clear()
         if self._session is not None:
             await self._session.close()
