@@ -4,8 +4,9 @@ It starts, in this process, the fake provider (short-lived access tokens, rotati
 tokens), a broker on the embedded store with a fresh API key, and a tiny page standing in for
 the calling application. Then it connects a demo user through the real authorization-code flow
 (an HTTP client follows every redirect; the fake provider approves at once), and shows, live,
-the grant being refreshed in the background before each expiry while token fetches keep
-succeeding, until Ctrl-C / SIGTERM, ``--duration`` or ``--refreshes``.
+the grant being refreshed in the background before each expiry while the application's token
+fetches (through ``broker.client.BrokerClient``, cached while the token lasts) keep succeeding,
+until Ctrl-C / SIGTERM, ``--duration`` or ``--refreshes``.
 
 Like ``cli.py`` this is an entry point: it wires an app together, so it may import ``app``.
 Nothing imports it but ``cli``.

@@ -385,6 +385,34 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_fetch_others_wait_for(
     assert len(stub.arrivals) == 1
 
 
+async def test_a_fetch_older_than_a_report_does_not_cache_the_rejected_token() -> None:
+    released = asyncio.Event()
+
+    async def get(request: web.Request) -> web.Response:
+        await released.wait()  # answers after the report, with what broker held before it
+        return web.json_response(token_body("at-old"))
+
+    async def report(request: web.Request) -> web.Response:
+        assert (await request.json()) == {"rejected_token": "at-old"}
+        return web.json_response(token_body("at-new"))
+
+    app = web.Application()
+    app.router.add_get("/v1/tokens/dev/u-1", get)
+    app.router.add_post("/v1/tokens/dev/u-1/refresh", report)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        async with BrokerClient(str(server.make_url("")), "key") as client:
+            slow = asyncio.create_task(client.token("dev", "u-1"))
+            await asyncio.sleep(0)  # its request is in the air
+            assert (await client.report_rejected("dev", "u-1", "at-old")).access_token == "at-new"
+            released.set()
+            assert (await slow).access_token == "at-old"
+            assert (await client.token("dev", "u-1")).access_token == "at-new"
+    finally:
+        await server.close()
+
+
 def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
     now = 1_700_000_000.0
     assert parse_retry_after("7", now) == 7.0

@@ -88,7 +88,7 @@ class BrokerClient:
         self._cache: dict[_Key, _Entry] = {}
         self._flights: dict[_Key, asyncio.Task[_Entry]] = {}  # the one whose answer is newest
         self._reports: dict[tuple[_Key, str], asyncio.Task[_Entry]] = {}
-        self._generation: dict[_Key, int] = {}  # bumped by a report: older flights don't cache
+        self._generation: dict[_Key, int] = {}  # a report bumps it: older fetches don't cache
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(
@@ -149,11 +149,11 @@ class BrokerClient:
         entry = self._cache.get(key)
         if entry is not None and entry.token.access_token == value:
             del self._cache[key]
-            self._generation[key] = self._generation.get(key, 0) + 1
         elif entry is not None and entry.lasts(0):
             return entry.token
         flight = self._reports.get((key, value))
         if flight is None:
+            self._generation[key] = self._generation.get(key, 0) + 1  # fetches in the air
             path = f"/v1/tokens/{segment(provider)}/{segment(user_id)}/refresh"
             body = {"rejected_token": value}
             flight = self._fly(key, partial(self._request, "POST", path, None, body))
