@@ -96,11 +96,14 @@ async def real_broker(
     provider: DevProvider, redis_server: RedisServer, key_prefix: str, tmp_path: Path
 ) -> AsyncIterator[RealBroker]:
     fleet = await start_fleet(provider, [redis_server.url], tmp_path, {"key_prefix": key_prefix})
+    api_key = fleet.headers["Authorization"].removeprefix("Bearer ")
     try:
-        api_key = fleet.headers["Authorization"].removeprefix("Bearer ")
         yield RealBroker(fleet.replicas[0].url, api_key, fleet, provider)
     finally:
         await stop_fleet(fleet)
+    log = fleet.replicas[0].log.read_text(encoding="utf-8", errors="replace")
+    leaked = [s for s in (*provider.secrets(), api_key) if len(s) >= 8 and s in log]
+    assert not leaked, f"{len(leaked)} secret(s) in the broker's log"
 
 
 async def revoke_at_provider(provider: DevProvider, token: str) -> None:
