@@ -291,6 +291,21 @@ async def test_a_token_revoked_early_is_reported_once_and_the_request_retried_on
 
 
 @HELPERS
+async def test_many_requests_refused_with_one_revoked_token_make_one_report(
+    real_broker: RealBroker, api: ResourceServer, send: HelperCall
+) -> None:
+    await real_broker.connect("u-1")
+    async with real_broker.client() as client:
+        revoked = await client.token("dev", "u-1")
+        await revoke_at_provider(real_broker.provider, revoked.access_token)
+        answers = await asyncio.gather(*(send(client, api.url, b"%d" % i) for i in range(8)))
+    assert answers == [(200, b"%d" % i) for i in range(8)]
+    assert sum(seen.token == revoked.access_token for seen in api.seen) == 8
+    assert len(api.seen) == 16
+    assert await real_broker.served(REPORTS, "POST") == 1
+
+
+@HELPERS
 async def test_a_resource_server_that_always_refuses_gets_one_retry(
     real_broker: RealBroker, api: ResourceServer, send: HelperCall
 ) -> None:
