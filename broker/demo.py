@@ -4,8 +4,9 @@ It starts, in this process, the fake provider (short-lived access tokens, rotati
 tokens), a broker on the embedded store with a fresh API key, and a tiny page standing in for
 the calling application. Then it connects a demo user through the real authorization-code flow
 (an HTTP client follows every redirect; the fake provider approves at once), and shows, live,
-the grant being refreshed in the background before each expiry while token fetches keep
-succeeding, until Ctrl-C / SIGTERM, ``--duration`` or ``--refreshes``.
+the grant being refreshed in the background before each expiry while the application's token
+fetches (through ``broker.client.BrokerClient``, cached while the token lasts) keep succeeding,
+until Ctrl-C / SIGTERM, ``--duration`` or ``--refreshes``.
 
 Like ``cli.py`` this is an entry point: it wires an app together, so it may import ``app``.
 Nothing imports it but ``cli``.
@@ -30,6 +31,7 @@ from yarl import URL
 
 from broker.app import create_app
 from broker.auth import hash_key, new_api_key
+from broker.client import BrokerClient, BrokerError, RetryPolicy, Token
 from broker.config import build_settings
 from broker.devprovider import DevProvider, DevProviderSettings
 from broker.logs import configure_logging
@@ -73,6 +75,7 @@ class _Demo:
         self.refreshes = 0
         self.fetches = 0
         self.failed_fetches = 0
+        self._last_token: Token | None = None
 
     def say(self, text: str = "") -> None:
         print(text, file=self._out, flush=True)
@@ -96,10 +99,14 @@ class _Demo:
             broker_url = await self._start_broker(provider, app_url, runners)
             self._introduce(provider, broker_url, app_url)
             timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
-            async with aiohttp.ClientSession(timeout=timeout) as http:
+            retry = RetryPolicy(max_wait=self.options.interval)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as http,
+                BrokerClient(broker_url, self.api_key, min_ttl=0, retry=retry) as tokens,
+            ):
                 if not await self._connect(http, broker_url, app_url):
                     return 1
-                await self._watch(http, broker_url)
+                await self._watch(http, tokens, broker_url)
         finally:
             for runner in reversed(runners):  # broker first: its scheduler stops calling out
                 await runner.cleanup()
@@ -189,8 +196,10 @@ class _Demo:
         self.say(f"   Your app got status={query['status']}: the user is connected.")
         self.say()
         self.say("3. broker now holds the grant and refreshes it before each expiry, in the")
-        self.say("   background. Token fetches use min_ttl=0, so they never refresh themselves:")
-        self.say("   every refresh below is the scheduler's. Try it yourself meanwhile:")
+        self.say("   background. Your app fetches its token with broker.client.BrokerClient,")
+        self.say("   which keeps it in the process while it lasts (cached) and asks broker")
+        self.say("   again when it has expired (new). It uses min_ttl=0, so fetches never")
+        self.say("   refresh themselves: every refresh below is the scheduler's. Try it yourself:")
         self.say(
             f"   curl -H 'Authorization: Bearer {self.api_key}' "
             f"{broker_url}/v1/tokens/{PROVIDER}/{USER_ID}"
@@ -198,14 +207,16 @@ class _Demo:
         self.say()
         return True
 
-    async def _watch(self, http: aiohttp.ClientSession, broker_url: str) -> None:
+    async def _watch(
+        self, http: aiohttp.ClientSession, tokens: BrokerClient, broker_url: str
+    ) -> None:
         started = time.monotonic()
         duration = self.options.duration
         deadline = None if duration is None else started + duration
         seen_count: int | None = None
         ticks = 0
         while True:
-            grant, line = await self._status(http, broker_url)
+            grant, line = await self._status(http, tokens, broker_url)
             count = grant.get("refresh_count") if grant else None
             if isinstance(count, int):
                 if seen_count is not None and count > seen_count:
@@ -234,27 +245,25 @@ class _Demo:
         return deadline is not None and time.monotonic() >= deadline
 
     async def _status(
-        self, http: aiohttp.ClientSession, broker_url: str
+        self, http: aiohttp.ClientSession, tokens: BrokerClient, broker_url: str
     ) -> tuple[dict[str, Any] | None, str]:
-        base = f"{PROVIDER}/{USER_ID}"
         now = time.time()
         self.fetches += 1
         try:
+            token = await tokens.token(PROVIDER, USER_ID)
+        except BrokerError as err:
+            self.failed_fetches += 1
+            fetch = f"token fetch FAILED: {err.code}"
+        else:
+            fetch = f"token fetch OK ({_describe(token, self._last_token)})"
+            self._last_token = token
+        try:
             async with http.get(
-                f"{broker_url}/v1/tokens/{base}?min_ttl=0", headers=self._auth
+                f"{broker_url}/v1/grants/{PROVIDER}/{USER_ID}", headers=self._auth
             ) as response:
-                token = await response.json()
-            async with http.get(f"{broker_url}/v1/grants/{base}", headers=self._auth) as response:
                 grant: dict[str, Any] = await response.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
-            self.failed_fetches += 1
-            return None, f"{_clock()}  broker did not answer ({type(err).__name__})"
-        if "access_token" not in token:
-            self.failed_fetches += 1
-            fetch = f"token fetch FAILED: {token.get('code')}"
-        else:
-            fingerprint = hashlib.sha256(token["access_token"].encode()).hexdigest()[:8]
-            fetch = f"token fetch OK (token {fingerprint}, expires in {token['expires_in']:>3} s)"
+            return None, f"{_clock()}  {fetch} | broker did not answer ({type(err).__name__})"
         state = grant.get("state", "?")
         due = _seconds_until(grant.get("next_refresh_at"), now)
         refreshed = grant.get("refresh_count", 0)
@@ -295,6 +304,15 @@ def _short(url: URL) -> str:
         return str(url)
     keys = "&".join(f"{k}=..." for k in url.query)
     return f"{url.with_query(None)}?{keys}"
+
+
+def _describe(token: Token, previous: Token | None) -> str:
+    """A token for display: a fingerprint (never the token), where it came from, its life."""
+    fingerprint = hashlib.sha256(token.access_token.encode()).hexdigest()[:8]
+    origin = "cached" if token is previous else "new"  # the client's cache hands out one object
+    left = token.seconds_left()
+    life = "no expiry" if left is None else f"expires in {max(0, round(left)):>3} s"
+    return f"token {fingerprint}, {origin:>6}, {life}"
 
 
 def _seconds_until(stamp: Any, now: float) -> str:
