@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(run(options))
     else:
-        _serve(_settings(args.config))
+        _serve(_settings(args.config), args.config)
 
 
 def _positive(text: str) -> float:
@@ -179,7 +179,7 @@ def _summary(s: Settings) -> str:
     return "\n".join(lines)
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings, config_path: str | None) -> None:
     from aiohttp import web
 
     from broker.app import create_app
@@ -188,7 +188,7 @@ def _serve(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     try:
         web.run_app(
-            create_app(settings),
+            create_app(settings, config_path=config_path),  # SIGHUP reloads its clients
             host=settings.host,
             port=settings.port,
             shutdown_timeout=settings.shutdown_timeout,
