@@ -115,7 +115,7 @@ def _hand_out(
     assert grant.access_expires_at is not None
     request.app[METRICS].token_handouts.labels(grant.provider, client).inc()
     expires_at = grant.access_expires_at
-    fields["expires_at"] = _iso(expires_at)
+    fields["expires_at"] = iso(expires_at)
     answer = Token(
         access_token=grant.access_token,
         token_type=grant.token_type,

@@ -64,25 +64,25 @@ class DrainBudget:
 
 DRAIN = web.AppKey("drain", DrainBudget)
 PENDING = web.AppKey("pending", PendingAuthorizations)
-AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 
 
 def create_app(
     settings: Settings,
     *,
     clock: Clock = time.time,
+    reload_on_sighup: bool = False,
     config_path: str | os.PathLike[str] | None = None,
 ) -> web.Application:
     """A ready-to-run broker app; Redis and the HTTP session open when it starts. ``clock``
     (unix seconds) lets tests move time instead of waiting for tokens to expire. With
-    ``config_path`` (the file ``settings`` came from), ``SIGHUP`` reloads its clients."""
+    ``reload_on_sighup``, ``SIGHUP`` reloads the clients from ``config_path`` (the file
+    ``settings`` came from, if any) and the environment."""
     metrics = Metrics()
     authenticator = Authenticator(settings.clients)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=make_middlewares(metrics, authenticator, settings.max_body_bytes),
     )
-    app[AUTHENTICATOR] = authenticator
     app[api.SETTINGS] = settings
     app[api.METRICS] = metrics
     app[api.KEYRING] = KeyRing(settings.encryption_keys)
@@ -92,7 +92,7 @@ def create_app(
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_services)
     app.cleanup_ctx.append(_scheduler)  # registered last: stops first
-    if config_path is not None:
+    if reload_on_sighup:
         app.cleanup_ctx.append(
             _reload_on_sighup(Reloader(config_path, settings, authenticator, metrics))
         )

@@ -28,11 +28,11 @@ LIVE = ("clients",)
 
 
 class Reloader:
-    """Re-reads ``path`` (with the process's environment) on demand."""
+    """Re-reads ``path`` (if any) and the process's environment on demand."""
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         running: Settings,
         authenticator: Authenticator,
         metrics: Metrics,
@@ -76,7 +76,7 @@ class Reloader:
             provider=None,
             user_id=None,
             outcome=outcome,
-            path=str(self._path),
+            path=None if self._path is None else str(self._path),
             **fields,
         )
         if fields.get("needs_restart"):
