@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+import redis as syncredis
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -228,6 +229,12 @@ async def test_a_client_over_its_limit_gets_429_and_others_do_not(
     assert body["type"] == "urn:broker:problem:rate_limited"
     assert 1 <= int(headers["Retry-After"]) <= 100
     assert [await status_of(broker, other, "GET", url) for _ in range(10)] == [404] * 10
+    if "key_prefix" in store_url:  # the bucket lives under the store's prefix, in a slot of its own
+        redis = syncredis.Redis.from_url(store_url["redis_url"])
+        bucket = Keys(store_url["key_prefix"]).rate_limit_key("limited")
+        assert bucket.startswith(store_url["key_prefix"] + ":{")
+        assert redis.exists(bucket)
+        redis.close()
     text = broker.app[METRICS].render().decode()
     assert counted(text, 'broker_rate_limited_total{client="limited"}') == 1
     assert counted(text, 'broker_rate_limited_total{client="other"}') == 0
