@@ -6,6 +6,7 @@ its type, default, constraints and ``description`` (the documentation's "meaning
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, Self, get_args
 
@@ -212,6 +213,7 @@ class OneOrMany:
 
 
 MAX_USER_ID_PATTERNS = 256
+CLIENT_PROVIDER = re.compile(r"^(\*|[a-z0-9][a-z0-9_-]{0,62})$")  # a provider name, or "*"
 
 
 class RateLimit(DataclassFields, BaseModel):
@@ -240,9 +242,9 @@ class ClientSettings(DataclassFields, BaseModel):
         "list of them: every key listed works, so a key is rotated without downtime (add the "
         "new one, move the client over, remove the old one); the key itself is never configured",
     )
-    providers: tuple[Text, ...] = Field(
-        min_length=1, description='provider names the client may use, or `["*"]`'
-    )
+    providers: tuple[
+        Annotated[str, matching(CLIENT_PROVIDER, 'must be a provider name or "*"')], ...
+    ] = Field(min_length=1, description='provider names the client may use, or `["*"]`')
     permissions: frozenset[Permission] = Field(
         min_length=1,
         description="`tokens:read` (fetch access tokens), `grants:write` (import, delete, start "
