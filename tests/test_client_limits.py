@@ -263,7 +263,8 @@ def counted(text: str, sample: str) -> float:
 async def test_the_limiter_fails_open_when_its_redis_is_cut_off(
     provider: DevProvider, redis_server: RedisServer, key_prefix: str, redis_proxy: TcpProxy
 ) -> None:
-    """Grants stay reachable; only the limiter's Redis connection goes through the proxy."""
+    """Grants stay reachable; only the limiter's Redis connection goes through the proxy,
+    which first stops answering (slow), then refuses connections (down)."""
     key = api_key()
     settings = broker_settings(
         provider,
@@ -305,6 +306,10 @@ async def test_the_limiter_fails_open_when_its_redis_is_cut_off(
             await asyncio.sleep(0.05)
         assert statuses[-1] == 429
         assert set(statuses) <= {404, 429}
+        await redis_proxy.close()  # now refused outright: still through, still counted
+        assert [await get() for _ in range(3)] == [404] * 3
+        text = app[METRICS].render().decode()
+        assert counted(text, "broker_rate_limiter_failures_total") > failures
 
 
 # -- two replicas -----------------------------------------------------------------------------
