@@ -15,8 +15,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
-from broker import schemas
-from broker.auth import authorize
+from broker import audit, schemas
+from broker.auth import authorize, may_name
 from broker.authorize import AuthorizationService
 from broker.config import Settings
 from broker.crypto import KeyRing
@@ -34,7 +34,6 @@ from broker.scheduler import Scheduler
 from broker.schemas import GrantStatus, ReadinessCheck, Token
 from broker.store import GrantStore
 
-audit = structlog.get_logger("broker.audit")
 log = structlog.get_logger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -79,31 +78,44 @@ def grant_path(request: web.Request, trailing: int = 0) -> tuple[str, str]:
 async def get_token(request: web.Request) -> web.Response:
     provider, user_id = grant_path(request)
     client = client_of(request)
-    authorize(client, "tokens:read", provider)
-    settings = request.app[SETTINGS]
-    min_ttl = _int_query(request, "min_ttl", settings.default_min_ttl, 0, settings.max_min_ttl)
-    grant = await request.app[REFRESHER].token(provider, user_id, min_ttl)
-    return _hand_out(request, client.name, grant)
+    with audit.audited(
+        audit.TOKEN_HANDOUT, client=client.name, provider=provider, user_id=user_id, source="get"
+    ) as fields:
+        authorize(client, "tokens:read", provider, user_id)
+        settings = request.app[SETTINGS]
+        min_ttl = _int_query(request, "min_ttl", settings.default_min_ttl, 0, settings.max_min_ttl)
+        grant = await request.app[REFRESHER].token(provider, user_id, min_ttl)
+        return _hand_out(request, client.name, grant, fields)
 
 
 async def report_rejected_token(request: web.Request) -> web.Response:
     provider, user_id = grant_path(request, trailing=1)
     client = client_of(request)
-    authorize(client, "tokens:read", provider)
-    request.app[PROVIDERS].get(provider)
-    body = schemas.RejectedToken.parse(await _json_object(request))
-    refresher = request.app[REFRESHER]
-    grant = await refresher.replace_rejected(provider, user_id, body.rejected_token)
-    return _hand_out(request, client.name, grant)
+    with audit.audited(
+        audit.TOKEN_HANDOUT,
+        client=client.name,
+        provider=provider,
+        user_id=user_id,
+        source="rejected_report",
+    ) as fields:
+        authorize(client, "tokens:read", provider, user_id)
+        request.app[PROVIDERS].get(provider)
+        body = schemas.RejectedToken.parse(await _json_object(request))
+        refresher = request.app[REFRESHER]
+        grant = await refresher.replace_rejected(provider, user_id, body.rejected_token)
+        return _hand_out(request, client.name, grant, fields)
 
 
-def _hand_out(request: web.Request, client: str, grant: Grant) -> web.Response:
-    """The grant's access token as a ``Token`` answer, counted and written to the audit log."""
+def _hand_out(
+    request: web.Request, client: str, grant: Grant, fields: dict[str, Any]
+) -> web.Response:
+    """The grant's access token as a ``Token`` answer, counted; its expiry goes to the audit
+    event's ``fields``."""
     assert grant.access_token is not None
     assert grant.access_expires_at is not None
     request.app[METRICS].token_handouts.labels(grant.provider, client).inc()
-    audit.info("token.handout", client=client, provider=grant.provider, user_id=grant.user_id)
     expires_at = grant.access_expires_at
+    fields["expires_at"] = iso(expires_at)
     answer = Token(
         access_token=grant.access_token,
         token_type=grant.token_type,
@@ -116,32 +128,38 @@ def _hand_out(request: web.Request, client: str, grant: Grant) -> web.Response:
 
 async def put_grant(request: web.Request) -> web.Response:
     provider, user_id = grant_path(request)
-    authorize(client_of(request), "grants:write", provider)
-    request.app[PROVIDERS].get(provider)
-    body = schemas.GrantImport.parse(await _json_object(request))
-    grant, created = await request.app[GRANTS].import_grant(
-        provider,
-        user_id,
-        GrantImport(
-            refresh_token=body.refresh_token,
-            access_token=body.access_token,
-            expires_in=body.expires_in,
-            scope=body.scope,
-        ),
-    )
+    client = client_of(request)
+    with audit.audited(
+        audit.GRANT_IMPORT, client=client.name, provider=provider, user_id=user_id
+    ) as fields:
+        authorize(client, "grants:write", provider, user_id)
+        request.app[PROVIDERS].get(provider)
+        body = schemas.GrantImport.parse(await _json_object(request))
+        grant, created = await request.app[GRANTS].import_grant(
+            provider,
+            user_id,
+            GrantImport(
+                refresh_token=body.refresh_token,
+                access_token=body.access_token,
+                expires_in=body.expires_in,
+                scope=body.scope,
+            ),
+        )
+        fields["replaced"] = not created
     return _answer(GrantStatus.model_validate(grant.status()), status=201 if created else 200)
 
 
 async def get_grant(request: web.Request) -> web.Response:
     provider, user_id = grant_path(request)
-    authorize(client_of(request), "grants:read", provider)
+    authorize(client_of(request), "grants:read", provider, user_id)
     grant = await request.app[GRANTS].status(provider, user_id)
     return _answer(GrantStatus.model_validate(grant.status()))
 
 
 async def list_grants(request: web.Request) -> web.Response:
     provider = request.match_info["provider"]
-    authorize(client_of(request), "grants:read", provider)
+    client = client_of(request)
+    authorize(client, "grants:read", provider)
     request.app[PROVIDERS].get(provider)
     state = request.query.get("state")
     if state is not None and state not in STATES:
@@ -151,7 +169,13 @@ async def list_grants(request: web.Request) -> web.Response:
         provider, state, limit, request.query.get("cursor")
     )
     answer = schemas.GrantList(
-        grants=[GrantStatus.model_validate(grant.status()) for grant in page.grants],
+        # A client restricted by user_ids sees its own user ids only (a page may then hold
+        # fewer than ``limit`` grants; the cursor still walks them all).
+        grants=[
+            GrantStatus.model_validate(grant.status())
+            for grant in page.grants
+            if may_name(client, grant.user_id)
+        ],
         next_cursor=page.next_cursor,
     )
     return _answer(answer)
@@ -159,20 +183,32 @@ async def list_grants(request: web.Request) -> web.Response:
 
 async def delete_grant(request: web.Request) -> web.Response:
     provider, user_id = grant_path(request)
-    authorize(client_of(request), "grants:write", provider)
-    outcome = await request.app[GRANTS].delete(provider, user_id)
+    client = client_of(request)
+    with audit.audited(
+        audit.GRANT_DELETE, client=client.name, provider=provider, user_id=user_id
+    ) as fields:
+        authorize(client, "grants:write", provider, user_id)
+        outcome = await request.app[GRANTS].delete(provider, user_id)
+        fields["revocation"] = outcome
     return web.Response(status=204, headers={"Broker-Revocation": outcome})
 
 
 async def start_authorization(request: web.Request) -> web.Response:
     provider = request.match_info["provider"]
-    authorize(client_of(request), "grants:write", provider)
-    request.app[PROVIDERS].get(provider)
-    body = schemas.AuthorizationRequest.parse(await _json_object(request))
-    user_id = validate_user_id(body.user_id)  # after the fields' own checks, as always
-    started = await request.app[AUTHORIZATIONS].start(
-        provider, user_id, body.redirect_after, body.scope
-    )
+    client = client_of(request)
+    with audit.audited(
+        audit.AUTHORIZATION_START, client=client.name, provider=provider, user_id=None
+    ) as fields:
+        authorize(client, "grants:write", provider)
+        request.app[PROVIDERS].get(provider)
+        body = schemas.AuthorizationRequest.parse(await _json_object(request))
+        user_id = validate_user_id(body.user_id)  # after the fields' own checks, as always
+        fields["user_id"] = user_id
+        authorize(client, "grants:write", provider, user_id)
+        started = await request.app[AUTHORIZATIONS].start(
+            provider, user_id, body.redirect_after, body.scope, client=client.name
+        )
+        fields["expires_at"] = _iso(started.expires_at)
     answer = schemas.Authorization(
         authorization_url=started.authorization_url,
         state=started.state,
@@ -188,10 +224,34 @@ async def oauth_callback(request: web.Request) -> web.Response:
     try:
         result = await request.app[AUTHORIZATIONS].complete(provider, request.query)
     except BrokerError as err:
+        outcome = "invalid_state" if isinstance(err, InvalidState) else err.code
+        audit.record(
+            audit.AUTHORIZATION_FINISH,
+            client=None,
+            provider=provider,
+            user_id=None,
+            outcome=outcome,
+        )
         return _callback_page(request, err)
     except Exception:
         log.exception("authorization.callback_failed", provider=provider)
+        audit.record(
+            audit.AUTHORIZATION_FINISH,
+            client=None,
+            provider=provider,
+            user_id=None,
+            outcome="internal_error",
+        )
         return _callback_page(request, BrokerError())
+    audit.record(
+        audit.AUTHORIZATION_FINISH,
+        client=result.client,
+        provider=provider,
+        user_id=result.user_id,
+        outcome=result.outcome,
+        reason=result.error,
+        replaced=result.replaced if result.grant is not None else None,
+    )
     return web.Response(status=302, headers={**BROWSER, "Location": result.location})
 
 

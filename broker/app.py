@@ -11,8 +11,10 @@ is built; ``app[SETTINGS]`` then holds the resolved endpoints.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,12 +30,14 @@ from broker.crypto import KeyRing
 from broker.grants import GrantService
 from broker.locks import GrantLocks, LockStore
 from broker.metrics import Metrics
-from broker.middlewares import make_middlewares
+from broker.middlewares import RATE_LIMITER, make_middlewares
 from broker.oauth import OAuthClient, discover_all
 from broker.pending import PendingAuthorizations
 from broker.policy import RefreshPolicy
 from broker.providers import ProviderRegistry
+from broker.ratelimit import RateLimiter
 from broker.refresh import Refresher
+from broker.reload import Reloader
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
 from broker.store import GrantStore, Guard, Keys, connect
@@ -63,15 +67,22 @@ DRAIN = web.AppKey("drain", DrainBudget)
 PENDING = web.AppKey("pending", PendingAuthorizations)
 
 
-def create_app(settings: Settings, *, clock: Clock = time.time) -> web.Application:
+def create_app(
+    settings: Settings,
+    *,
+    clock: Clock = time.time,
+    reload_on_sighup: bool = False,
+    config_path: str | os.PathLike[str] | None = None,
+) -> web.Application:
     """A ready-to-run broker app; Redis and the HTTP session open when it starts. ``clock``
-    (unix seconds) lets tests move time instead of waiting for tokens to expire."""
+    (unix seconds) lets tests move time instead of waiting for tokens to expire. With
+    ``reload_on_sighup``, ``SIGHUP`` reloads the clients from ``config_path`` (the file
+    ``settings`` came from, if any) and the environment."""
     metrics = Metrics()
+    authenticator = Authenticator(settings.clients)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=make_middlewares(
-            metrics, Authenticator(settings.clients), settings.max_body_bytes
-        ),
+        middlewares=make_middlewares(metrics, authenticator, settings.max_body_bytes),
     )
     app[api.SETTINGS] = settings
     app[api.METRICS] = metrics
@@ -82,6 +93,10 @@ def create_app(settings: Settings, *, clock: Clock = time.time) -> web.Applicati
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_services)
     app.cleanup_ctx.append(_scheduler)  # registered last: stops first
+    if reload_on_sighup:
+        app.cleanup_ctx.append(
+            _reload_on_sighup(Reloader(config_path, settings, authenticator, metrics))
+        )
     app.on_shutdown.append(_stop_accepting)
     api.add_routes(app)
     return app
@@ -103,6 +118,9 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         ack_timeout=settings.replica_ack_timeout,
     )
     app[PENDING] = PendingAuthorizations(redis, keys, guard)
+    app[RATE_LIMITER] = RateLimiter(
+        redis, keys, app[api.METRICS], timeout=settings.rate_limit_timeout
+    )
     if settings.is_memory_store:
         log.warning(
             "store.not_durable",
@@ -207,6 +225,18 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     scheduler.start()
     yield
     await scheduler.stop(_drain_left(app))
+
+
+def _reload_on_sighup(
+    reloader: Reloader,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def install(_: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+        yield
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return install
 
 
 def _drain_left(app: web.Application) -> float:

@@ -84,6 +84,7 @@ class PendingAuthorization:
     code_verifier: str | None = field(repr=False)
     created_at: float
     expires_at: float
+    client: str | None = None  # who started it, for the audit log (absent in older records)
 
     def to_payload(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -104,6 +105,9 @@ class CallbackResult:
     location: str
     error: str | None = None  # a short code when outcome == "error"
     grant: Grant | None = None
+    user_id: str = ""
+    client: str | None = None  # the client that started the authorization
+    replaced: bool = False
 
 
 def pkce_challenge(verifier: str) -> str:
@@ -145,7 +149,12 @@ class AuthorizationService:
         self._clock = clock
 
     async def start(
-        self, provider: str, user_id: str, redirect_after: str, scope: str | None
+        self,
+        provider: str,
+        user_id: str,
+        redirect_after: str,
+        scope: str | None,
+        client: str | None = None,
     ) -> StartedAuthorization:
         """A stored pending authorization and the provider URL to send the user to; nothing is
         stored when an argument is refused."""
@@ -171,6 +180,7 @@ class AuthorizationService:
             code_verifier=verifier,
             created_at=now,
             expires_at=now + ttl,
+            client=client,
         )
         key = self._store.keys.authorization_key(state_digest(state))
         blob = self._keyring.encrypt(pending.to_payload(), authorization_aad(key))
@@ -313,7 +323,15 @@ class AuthorizationService:
             replaced=replaced if grant is not None else None,
             scope=grant.scope if grant is not None else None,
         )
-        return CallbackResult(outcome, with_params(pending.redirect_after, params), error, grant)
+        return CallbackResult(
+            outcome,
+            with_params(pending.redirect_after, params),
+            error,
+            grant,
+            user_id=pending.user_id,
+            client=pending.client,
+            replaced=replaced,
+        )
 
     def _authorization_url(
         self, settings: ProviderSettings, state: str, scope: str, verifier: str | None

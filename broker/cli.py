@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(run(options))
     else:
-        _serve(_settings(args.config))
+        _serve(_settings(args.config), args.config)
 
 
 def _positive(text: str) -> float:
@@ -172,14 +172,20 @@ def _summary(s: Settings) -> str:
         ),
         f"  providers: {', '.join(s.providers) or '(none)'}",
     ]
-    lines += [
-        f"  client:    {c.name}  {sorted(c.permissions)}  providers={list(c.providers)}"
-        for c in s.clients
-    ]
+    for c in s.clients:
+        line = f"  client:    {c.name}  {sorted(c.permissions)}  providers={list(c.providers)}"
+        line += f"  keys={len(c.key_sha256)}"
+        if c.user_ids is not None:
+            line += f"  user_ids={list(c.user_ids)}"
+        if c.rate_limit is not None:
+            line += (
+                f"  rate_limit={c.rate_limit.requests_per_second:g}/s burst {c.rate_limit.burst}"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings, config_path: str | None) -> None:
     from aiohttp import web
 
     from broker.app import create_app
@@ -188,7 +194,7 @@ def _serve(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     try:
         web.run_app(
-            create_app(settings),
+            create_app(settings, reload_on_sighup=True, config_path=config_path),
             host=settings.host,
             port=settings.port,
             shutdown_timeout=settings.shutdown_timeout,

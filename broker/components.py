@@ -45,8 +45,9 @@ SECURITY_SCHEMES = {
         "type": "http",
         "scheme": "bearer",
         "description": "A client's API key as a bearer token. The broker stores only its SHA-256 "
-        "and compares in constant time. Missing or unknown key: 401 with `WWW-Authenticate: "
-        "Bearer`; known key without the permission or provider: 403.",
+        "and compares in constant time (a client may have several keys: rotation). Missing or "
+        "unknown key: 401 with `WWW-Authenticate: Bearer`; known key without the permission, "
+        "provider or user id: 403; over the client's rate limit: 429 with `Retry-After`.",
     }
 }
 
@@ -194,7 +195,7 @@ PROBLEM_RESPONSES = (
         "Forbidden",
         403,
         "`forbidden`: the API key is known but its client lacks the permission this operation "
-        "needs, or may not use this provider.",
+        "needs, or may not use this provider or this user id (`user_ids`).",
         (
             ProblemExample(
                 errors.Forbidden,
@@ -243,6 +244,20 @@ PROBLEM_RESPONSES = (
                 errors.PayloadTooLarge, "Body too large", "the body exceeds {max_body_bytes} bytes"
             ),
         ),
+    ),
+    ProblemResponse(
+        "RateLimited",
+        429,
+        "`rate_limited`: the client is over its `rate_limit` (shared by all replicas); retry "
+        "after `Retry-After` seconds. Other clients are not affected.",
+        (
+            ProblemExample(
+                errors.RateLimited,
+                "Client over its rate limit",
+                "client 'billing' is over its rate limit (100/s, burst 200)",
+            ),
+        ),
+        headers=("Retry-After",),
     ),
     ProblemResponse(
         "InvalidRefreshToken",

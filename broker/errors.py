@@ -14,6 +14,7 @@ token, key or secret: they are logged and returned as they are.
     ├── ReauthRequired               409 reauth_required
     ├── PayloadTooLarge              413 payload_too_large
     ├── InvalidRefreshToken          422 invalid_refresh_token
+    ├── RateLimited                  429 rate_limited (with Retry-After)
     ├── GrantUnreadable              500 grant_unreadable
     └── Unavailable                  503 (with Retry-After)
         ├── UpstreamUnavailable      503 upstream_unavailable
@@ -42,6 +43,7 @@ __all__ = [
     "ProviderNotFound",
     "ProviderRejected",
     "ProviderUnavailable",
+    "RateLimited",
     "ReauthRequired",
     "StoreUnavailable",
     "Unauthenticated",
@@ -98,6 +100,16 @@ class PayloadTooLarge(BrokerError):
 
 class InvalidRefreshToken(BrokerError):
     status, code, title = 422, "invalid_refresh_token", "The provider rejected the refresh token"
+
+
+class RateLimited(BrokerError):
+    """The client is over its ``rate_limit``; ``retry_after`` is whole seconds (at least 1)."""
+
+    status, code, title = 429, "rate_limited", "Too many requests from this client"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, retry_after)
 
 
 class GrantUnreadable(BrokerError):

@@ -115,6 +115,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # we log one line per request
+    # The audit log (broker.audit) is written whatever log_level says.
+    logging.getLogger("broker.audit").setLevel(min(logging.INFO, root.level))
 
 
 def bind_request(request_id: str) -> None:

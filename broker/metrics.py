@@ -132,6 +132,23 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "broker_rate_limited",
+            "Requests refused with 429 because the client was over its rate_limit.",
+            ["client"],
+            registry=r,
+        )
+        self.rate_limiter_failures = Counter(
+            "broker_rate_limiter_failures",
+            "Rate-limit checks that failed or timed out (the request was let through).",
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "broker_config_reloads",
+            "Configuration reloads (SIGHUP) by outcome (applied, unchanged, refused).",
+            ["outcome"],
+            registry=r,
+        )
         Gauge("broker_build_info", "Build information.", ["version"], registry=r).labels(
             __version__
         ).set(1)

@@ -1,7 +1,8 @@
 """Request ids, the one log line per request, problem JSON for every error, client auth.
 
 Order (outermost first): ``observe`` (request id, timing, metrics, canonical log line) →
-``problems`` (any exception becomes RFC 9457 JSON) → ``authenticate`` (``/v1/`` only).
+``problems`` (any exception becomes RFC 9457 JSON) → ``authenticate`` (``/v1/`` only: the API
+key, then the client's rate limit).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from aiohttp.typedefs import Handler, Middleware
 
 from broker.auth import Authenticator
 from broker.config import ClientSettings
-from broker.errors import BrokerError, GrantUnreadable, Unauthenticated, Unavailable
+from broker.errors import BrokerError, GrantUnreadable, RateLimited, Unauthenticated, Unavailable
 from broker.logs import bind_request
 from broker.metrics import Metrics
+from broker.ratelimit import RateLimiter
 
 log = structlog.get_logger("broker.http")
 
 CLIENT = web.RequestKey("client", ClientSettings)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 REQUEST_ID_HEADER = "X-Request-Id"
 INCOMING_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 PROBLEM_TYPE = "urn:broker:problem:"
@@ -99,7 +102,7 @@ def make_middlewares(
     async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except Unavailable as err:
+        except (Unavailable, RateLimited) as err:
             return problem(
                 err.status, err.code, err.title, err.detail, {"Retry-After": str(err.retry_after)}
             )
@@ -151,7 +154,11 @@ def make_middlewares(
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/v1/"):
-            request[CLIENT] = authenticator.authenticate(request.headers.get("Authorization"))
+            client = authenticator.authenticate(request.headers.get("Authorization"))
+            request[CLIENT] = client
+            limiter = request.app.get(RATE_LIMITER)
+            if limiter is not None:
+                await limiter.check(client)
         return await handler(request)
 
     return [observe, problems, authenticate]

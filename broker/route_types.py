@@ -79,7 +79,7 @@ class Operation:
         """Every problem code this operation may answer."""
         implied: list[ProblemCode] = []
         if self.permission is not None:
-            implied += ["unauthenticated", "forbidden"]
+            implied += ["unauthenticated", "forbidden", "rate_limited"]
         if self.body is not None:
             implied += ["invalid_request", "payload_too_large"]
         return tuple(dict.fromkeys([*self.problems, *implied]))

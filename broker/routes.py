@@ -181,7 +181,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "runs while grants are created and deleted returns every grant that existed throughout "
         "at least once, and may return one more than once. Records that cannot be decrypted "
         "are left out (a read of one answers `500 grant_unreadable`); each is logged as a "
-        "security event and counted in `broker_grants_unreadable`.",
+        "security event and counted in `broker_grants_unreadable`. A client restricted to some "
+        "user ids (`user_ids`) is shown only the grants of those.",
         permission="grants:read",
         query=(
             Param(

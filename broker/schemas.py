@@ -47,6 +47,7 @@ ProblemCode = Literal[
     "grant_not_found",
     "reauth_required",
     "payload_too_large",
+    "rate_limited",
     "invalid_refresh_token",
     "grant_unreadable",
     "upstream_unavailable",

@@ -6,6 +6,7 @@
   them is written by hand and kept;
 - the ``config`` object of helm/broker/values.schema.json: broker's top-level settings that the
   chart passes through to broker.toml (all but the ones the chart sets itself, which it refuses);
+- its ``clients`` array: broker's client settings with their rules;
 - its ``providers`` object: for each provider, broker's provider settings (all but an inline
   ``client_secret``, which the chart refuses) with their rules, plus the chart's own keys
   (``clientSecret``, ``public``). The chart's additions are defined here, not in the file.
@@ -31,7 +32,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaV
 from pydantic_core import CoreSchema
 
 from broker.settings_model import Settings
-from broker.settings_providers import ClientSettings, ProviderSettings
+from broker.settings_providers import ClientSettings, ProviderSettings, RateLimit
 from broker.settings_types import ShownDefault, is_table, settings_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,7 @@ TABLES: dict[str, type[BaseModel]] = {
     "top": Settings,
     "providers": ProviderSettings,
     "clients": ClientSettings,
+    "rate_limit": RateLimit,
 }
 # Set by the chart itself (listen address and port, Redis, the mounted key file), so refused in
 # its `config` value; providers and clients have values of their own.
@@ -102,7 +104,7 @@ def settings_table(model: type[BaseModel]) -> str:
         "|---|---|---|---|",
     ]
     for name, field in settings_of(model).items():
-        if is_table(field):
+        if is_table(field) and model is Settings:  # providers, clients: sections of their own
             continue
         cells = (f"`{name}`", _default(field), _allowed(properties[name]), field.description or "")
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
@@ -171,11 +173,48 @@ def chart_providers_schema() -> dict[str, Any]:
     }
 
 
+def chart_clients_schema() -> dict[str, Any]:
+    """The ``clients`` array of the chart's values.schema.json (its template passes each
+    client's keys by name: helm/broker/templates/_helpers.tpl "broker.clientsToml")."""
+    schema = config_schema()
+    client = _inline(schema["$defs"][ClientSettings.__name__], schema["$defs"])
+    properties = {
+        name: _chart_setting(_without_null(setting))
+        for name, setting in client["properties"].items()
+    }
+    return {
+        "type": "array",
+        "description": "broker.toml [[clients]] tables (docs/configuration.md), generated from "
+        f"broker/settings_providers.py by `{REGENERATE}`.",
+        "items": {
+            "type": "object",
+            "properties": properties,
+            "additionalProperties": False,
+            "required": client["required"],
+        },
+    }
+
+
+def _inline(schema: Any, definitions: dict[str, Any]) -> Any:
+    """``schema`` with each ``$ref`` to ``#/$defs/...`` replaced by its definition."""
+    if isinstance(schema, list):
+        return [_inline(item, definitions) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        target = definitions[schema["$ref"].rsplit("/", 1)[-1]]
+        siblings = {k: v for k, v in schema.items() if k != "$ref"}
+        own = {k: v for k, v in target.items() if k not in ("title", "description")}
+        return _inline({**own, **siblings}, definitions)
+    return {key: _inline(value, definitions) for key, value in schema.items()}
+
+
 def render_chart_schema(text: str) -> str:
-    """``text`` (values.schema.json) with its ``config`` and ``providers`` objects
+    """``text`` (values.schema.json) with its ``config``, ``clients`` and ``providers``
     regenerated."""
     document = json.loads(text)
     document["properties"]["config"] = chart_config_schema()
+    document["properties"]["clients"] = chart_clients_schema()
     document["properties"]["providers"] = chart_providers_schema()
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
@@ -229,7 +268,9 @@ def _default(field: FieldInfo) -> str:
 def _allowed(schema: dict[str, Any], plural: bool = False) -> str:
     """What a setting accepts, in words, from its JSON Schema."""
     options = [option for option in schema.get("anyOf", [schema]) if option.get("type") != "null"]
-    schema = options[0] if len(options) == 1 else schema
+    if len(options) > 1:
+        return " or ".join(_allowed(option, plural) for option in options)
+    schema = options[0]
     kind = schema.get("type")
     ending = "s" if plural else ""
     if "enum" in schema:
@@ -245,6 +286,8 @@ def _allowed(schema: dict[str, Any], plural: bool = False) -> str:
         return ("non-empty list of " if schema.get("minItems") else "list of ") + _allowed(
             items, plural=True
         )
+    if "$ref" in schema:
+        return "a table, see below"
     if kind == "string":
         noun = {"uri": "URL", "password": "secret string"}.get(schema.get("format", ""), "string")
         if "pattern" in schema:

@@ -162,6 +162,13 @@ class Settings(DataclassFields, BaseSettings):
         description="seconds for a Redis connect or command, and the longest a request waits for "
         "a free pooled connection",
     )
+    rate_limit_timeout: Number = Field(
+        default=0.1,
+        gt=0,
+        le=5,
+        description="seconds a client's `rate_limit` check may take; a slower or failed check "
+        "lets the request through (logged and counted: the limiter fails open)",
+    )
     redis_max_connections: Count = Field(
         default=64, ge=1, le=10000, description="connections in the Redis pool per process"
     )

@@ -6,11 +6,21 @@ its type, default, constraints and ``description`` (the documentation's "meaning
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Literal, Self, get_args
+from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    model_validator,
+)
 from pydantic.config import JsonDict
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from broker.settings_types import (
     SHA256_HEX,
@@ -20,6 +30,7 @@ from broker.settings_types import (
     Derived,
     Flag,
     HttpUrl,
+    Number,
     SecretText,
     ShownDefault,
     Text,
@@ -178,27 +189,79 @@ class ProviderSettings(DataclassFields, BaseModel):
         return self
 
 
+KeyHash = Annotated[
+    str, matching(SHA256_HEX, "must be 64 hex digits (see `broker apikey`)", str.lower)
+]
+
+
+class OneOrMany:
+    """A list setting that may also be written as its one item (``key_sha256 = "..."``); the
+    JSON Schema says both."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_before_validator_function(
+            lambda value: (value,) if isinstance(value, str) else value, handler(source)
+        )
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        many = handler(schema)
+        return {"anyOf": [many["items"], many]}
+
+
+MAX_USER_ID_PATTERNS = 256
+CLIENT_PROVIDER = re.compile(r"^(\*|[a-z0-9][a-z0-9_-]{0,62})$")  # a provider name, or "*"
+
+
+class RateLimit(DataclassFields, BaseModel):
+    """A client's ``rate_limit``: a token bucket shared by all replicas (broker/ratelimit.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_second: Number = Field(
+        gt=0, le=1_000_000, description="the sustained rate the bucket refills at"
+    )
+    burst: Count = Field(
+        ge=1, le=1_000_000, description="the bucket's size: requests allowed at once after a pause"
+    )
+
+
 class ClientSettings(DataclassFields, BaseModel):
     """A [[clients]] table: an internal service calling the broker with an API key."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: Text = Field(description="shown in logs, the audit line and metrics")
-    key_sha256: Annotated[
-        str,
-        matching(SHA256_HEX, "must be 64 hex digits (see `broker apikey`)", str.lower),
-    ] = Field(
+    key_sha256: Annotated[tuple[KeyHash, ...], OneOrMany()] = Field(
+        min_length=1,
         repr=False,
-        description="hex SHA-256 of the client's API key (`broker apikey` prints both); the key "
-        "itself is never configured",
+        description="hex SHA-256 of the client's API key (`broker apikey` prints both), or a "
+        "list of them: every key listed works, so a key is rotated without downtime (add the "
+        "new one, move the client over, remove the old one); the key itself is never configured",
     )
-    providers: tuple[Text, ...] = Field(
-        min_length=1, description='provider names the client may use, or `["*"]`'
-    )
+    providers: tuple[
+        Annotated[str, matching(CLIENT_PROVIDER, 'must be a provider name or "*"')], ...
+    ] = Field(min_length=1, description='provider names the client may use, or `["*"]`')
     permissions: frozenset[Permission] = Field(
         min_length=1,
         description="`tokens:read` (fetch access tokens), `grants:write` (import, delete, start "
         "authorizations), `grants:read` (grant status)",
+    )
+    user_ids: tuple[Text, ...] | None = Field(
+        default=None,
+        max_length=MAX_USER_ID_PATTERNS,
+        description="glob patterns (`*` any characters, `/` included; `?` one character; "
+        "`[abc]`, `[a-z]`, `[!abc]` one of / none of; case-sensitive, against the whole decoded "
+        "user id): the client may only name matching user ids, others answer `403 forbidden`, "
+        "and grant listings show it only those; none: every user id",
+    )
+    rate_limit: RateLimit | None = Field(
+        default=None,
+        description="`{ requests_per_second, burst }`: a token bucket shared by all replicas; "
+        "over it, `429 rate_limited` with `Retry-After`; none: no limit",
     )
 
     def may_use(self, provider: str) -> bool:
@@ -218,7 +281,8 @@ def check_clients(
                 raise setting_error(f"{where}.providers", f"unknown provider {provider!r}")
         if client.name in names:
             raise setting_error(where, "client name appears twice")
-        if client.key_sha256 in digests:
-            raise setting_error(f"{where}.key_sha256", "the same key is configured twice")
+        for digest in client.key_sha256:
+            if digest in digests:
+                raise setting_error(f"{where}.key_sha256", "the same key is configured twice")
+            digests.add(digest)
         names.add(client.name)
-        digests.add(client.key_sha256)

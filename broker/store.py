@@ -186,6 +186,10 @@ class Keys:
     def lock_key(self, provider: str, user_id: str) -> str:
         return self._tag(provider, user_id) + ":lock"
 
+    def rate_limit_key(self, client: str) -> str:
+        """A client's token bucket; its name base64url-encoded, as a hash tag of its own."""
+        return f"{self._prefix}:{{ratelimit:{member(client)}}}:bucket"
+
 
 class Guard:
     """Turns any Redis failure into StoreUnavailable (503 with Retry-After), counted."""

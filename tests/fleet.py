@@ -36,6 +36,7 @@ class Replica:
     process: asyncio.subprocess.Process
     log: Path
     alive: bool = True
+    config: Path | None = None
 
     def events(self) -> list[str]:
         """The ``event`` of each JSON log line so far (for assertion messages)."""
@@ -103,8 +104,11 @@ async def start_fleet(
     redis_urls: Sequence[str],
     tmp_path: Path,
     settings: Mapping[str, TomlScalar],
+    *,
+    extra_toml: str = "",
 ) -> Fleet:
-    """One ready replica per Redis URL (the same server, maybe by different routes)."""
+    """One ready replica per Redis URL (the same server, maybe by different routes);
+    ``extra_toml`` (more tables, e.g. ``[[clients]]``) is appended to each configuration."""
     api_key = new_api_key()
     keys = encryption_key()
     SECRETS.update({api_key, provider.settings.client_secret})
@@ -115,14 +119,16 @@ async def start_fleet(
         for i, redis_url in enumerate(redis_urls):
             port = free_port()
             config = tmp_path / f"broker-{i}.toml"
-            config.write_text(replica_config(provider, redis_url, api_key, port, settings))
+            config.write_text(
+                replica_config(provider, redis_url, api_key, port, settings) + extra_toml
+            )
             log = tmp_path / f"broker-{i}.log"
             with log.open("wb") as out:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "broker", "serve", "--config", str(config),
                     env=env, stdout=out, stderr=subprocess.STDOUT,
                 )  # fmt: skip
-            fleet.replicas.append(Replica(f"http://127.0.0.1:{port}", process, log))
+            fleet.replicas.append(Replica(f"http://127.0.0.1:{port}", process, log, config=config))
         async with aiohttp.ClientSession() as http:
             for replica in fleet.replicas:
                 await _until_ready(http, replica)

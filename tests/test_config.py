@@ -103,7 +103,7 @@ def test_a_full_config_file_is_read(tmp_path: Path) -> None:
     assert (alfresco.default_expires_in, alfresco.pkce) == (1800, False)
     assert alfresco.refresh_token_max_age == 604800
     billing, ops = settings.clients
-    assert billing.key_sha256 == DIGEST  # upper-case hex is normalised
+    assert billing.key_sha256 == (DIGEST,)  # upper-case hex is normalised; one key is a list
     assert billing.may_use("alfresco")
     assert not billing.may_use("other")
     assert ops.may_use("other")

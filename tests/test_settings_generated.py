@@ -26,6 +26,7 @@ from broker.settings_docs import (
     DOCS,
     REGENERATE,
     ROOT,
+    TABLES,
     chart_config_schema,
     chart_providers_schema,
     config_schema,
@@ -46,10 +47,10 @@ def test_the_generated_files_match_the_settings_models(path: Path) -> None:
 
 def test_the_documentation_has_a_generated_table_for_each_model() -> None:
     text = DOCS.read_text(encoding="utf-8")
-    for name in ("top", "providers", "clients"):
+    for name in TABLES:
         assert text.count(f"<!-- settings:begin {name} -->") == 1
-    assert text.count("<!-- settings:end -->") == 3
-    for model in (Settings, ProviderSettings, ClientSettings):
+    assert text.count("<!-- settings:end -->") == len(TABLES)
+    for model in TABLES.values():
         for setting in settings_of(model):
             if setting not in ("providers", "clients"):
                 assert f"| `{setting}` |" in text, f"{model.__name__}.{setting} is not documented"

@@ -186,9 +186,19 @@ client_secret_file = {{ printf "/etc/broker/secrets/provider-%s-client-secret" $
 
 [[clients]]
 name = {{ toJson .name }}
+{{- if kindIs "string" .key_sha256 }}
 key_sha256 = {{ .key_sha256 | lower | toJson }}
+{{- else }}
+key_sha256 = {{ include "broker.tomlValue" (.key_sha256 | join " " | lower | splitList " ") }}
+{{- end }}
 providers = {{ include "broker.tomlValue" .providers }}
 permissions = {{ include "broker.tomlValue" .permissions }}
+{{- with .user_ids }}
+user_ids = {{ include "broker.tomlValue" . }}
+{{- end }}
+{{- with .rate_limit }}
+rate_limit = { requests_per_second = {{ include "broker.tomlValue" .requests_per_second }}, burst = {{ include "broker.tomlValue" .burst }} }
+{{- end }}
 {{- end }}
 {{- end -}}
 

@@ -1,0 +1,70 @@
+"""The audit log: one structured event per security-relevant action, for a SIEM.
+
+Every event goes to the logger ``broker.audit`` (never filtered by ``log_level``, see
+``broker.logs``) with the fields ``event``, ``client``, ``provider``, ``user_id``, ``outcome``
+(``success``, or the problem ``code`` the client got) and ``request_id`` (bound per request by
+``broker.logs.bind_request``), plus action-specific fields. docs/audit.md lists every event and
+field; add an event there when you add one here. Never pass a token, key or secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+from broker.errors import BrokerError
+
+LOGGER = "broker.audit"
+SUCCESS = "success"
+
+# The events, as docs/audit.md documents them (tests check that each is emitted).
+TOKEN_HANDOUT = "token.handout"
+GRANT_IMPORT = "grant.import"
+GRANT_DELETE = "grant.delete"
+AUTHORIZATION_START = "authorization.start"
+AUTHORIZATION_FINISH = "authorization.finish"
+CONFIG_RELOAD = "config.reload"
+EVENTS = (
+    TOKEN_HANDOUT,
+    GRANT_IMPORT,
+    GRANT_DELETE,
+    AUTHORIZATION_START,
+    AUTHORIZATION_FINISH,
+    CONFIG_RELOAD,
+)
+
+_log = structlog.get_logger(LOGGER)
+
+
+def record(
+    event: str,
+    *,
+    client: str | None,
+    provider: str | None,
+    user_id: str | None,
+    outcome: str,
+    **fields: Any,
+) -> None:
+    """Write one audit event (``request_id`` comes from the request's context)."""
+    emit = _log.info if outcome == SUCCESS or event == AUTHORIZATION_FINISH else _log.warning
+    emit(event, client=client, provider=provider, user_id=user_id, outcome=outcome, **fields)
+
+
+@contextmanager
+def audited(
+    event: str, *, client: str, provider: str, user_id: str | None, **fields: Any
+) -> Iterator[dict[str, Any]]:
+    """Record ``event`` when the block ends: ``success``, or the problem code of the exception
+    the block raised (re-raised). The block may add fields to (or set ``user_id`` in) the
+    yielded dict."""
+    event_fields: dict[str, Any] = {"user_id": user_id, **fields}
+    try:
+        yield event_fields
+    except Exception as err:
+        code = err.code if isinstance(err, BrokerError) else "internal_error"
+        record(event, client=client, provider=provider, outcome=code, **event_fields)
+        raise
+    record(event, client=client, provider=provider, outcome=SUCCESS, **event_fields)
