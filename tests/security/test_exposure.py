@@ -69,6 +69,6 @@ async def test_reprs_of_what_holds_secrets_show_none(broker: Broker, provider: D
         ]
     )
     secrets = {grant.refresh_token, grant.access_token, broker.api_key, *SECRETS}
-    secrets |= {provider.settings.client_secret, settings.clients[0].key_sha256}
+    secrets |= {provider.settings.client_secret, *settings.clients[0].key_sha256}
     assert leaked(secrets, shown) == []
     assert "u" in repr(grant)  # the repr is there, just without the secrets
