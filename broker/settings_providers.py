@@ -141,6 +141,12 @@ class ProviderSettings(DataclassFields, BaseModel):
         "any other error is transient and retried. Add `invalid_client` only if you would rather "
         "mark every grant dead than retry after a client-secret mistake.",
     )
+    client_credentials: Flag = Field(
+        default=False,
+        description="hand out access tokens for this provider's own client "
+        "(`GET /v1/app-tokens/<name>`, the client-credentials grant of RFC 6749 §4.4); off, that "
+        "endpoint answers `404 app_token_not_configured`",
+    )
     allow_insecure_http: Flag = Field(
         default=False,
         description="allow plain `http` URLs for non-loopback hosts (a dev provider in "

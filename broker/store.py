@@ -186,6 +186,20 @@ class Keys:
     def lock_key(self, provider: str, user_id: str) -> str:
         return self._tag(provider, user_id) + ":lock"
 
+    def app_token_key(self, provider: str, scope_id: str) -> str:
+        """An app token record (``broker/app_store.py``); its lock shares the hash tag."""
+        return f"{self._prefix}:{{app:{provider}:{scope_id}}}:token"
+
+    def app_token_pattern(self) -> str:
+        """A SCAN pattern matching every app token record of this prefix."""
+        return f"{self._prefix}:{{app:*}}:token"
+
+    def app_lock_key(self, provider: str, scope_id: str) -> str:
+        return f"{self._prefix}:{{app:{provider}:{scope_id}}}:lock"
+
+    def app_schedule_key(self) -> str:
+        return f"{self._prefix}:app-schedule"
+
 
 class Guard:
     """Turns any Redis failure into StoreUnavailable (503 with Retry-After), counted."""
