@@ -419,3 +419,43 @@ async def test_the_dev_provider_checks_client_authentication_for_client_credenti
         async with session.post(provider.token_url, data=posted) as response:
             assert (await response.json())["error"] == "unsupported_grant_type"
     assert provider.client_credentials_requests == 5
+
+
+async def test_an_open_circuit_stops_calls_and_serves_the_valid_token(
+    make_broker: BrokerFactory, provider: DevProvider
+) -> None:
+    broker = await make_broker(provider=ENABLED, circuit_failures=2, circuit_open_for=60)
+    _, first, _ = await app_token(broker)
+    broker.clock.advance(3500)
+    provider.fail_always("server_error")
+    for _ in range(4):
+        status, kept, _ = await app_token(broker, min_ttl=300)
+        assert (status, kept["access_token"]) == (200, first["access_token"])
+    assert provider.client_credentials_requests == 1 + 2  # then the circuit opened
+    assert (
+        metric(
+            broker,
+            "broker_app_token_requests_total",
+            provider="dev",
+            outcome="circuit_open",
+            trigger="on_demand",
+        )
+        == 2
+    )
+    broker.clock.advance(200)  # expired, circuit still open: no call, a clear 503
+    status, problem, headers = await app_token(broker)
+    assert (status, problem["code"]) == (503, "upstream_unavailable")
+    assert int(headers["Retry-After"]) >= 1
+    assert provider.client_credentials_requests == 3
+
+
+async def test_redis_down_is_a_503_store_unavailable(
+    make_broker: BrokerFactory, provider: DevProvider, own_redis: RedisServer
+) -> None:
+    broker = await make_broker(redis_url=own_redis.url, redis_timeout=0.5, provider=ENABLED)
+    assert (await app_token(broker))[0] == 200
+    own_redis.stop()
+    status, problem, headers = await app_token(broker)
+    assert (status, problem["code"]) == (503, "store_unavailable")
+    assert "Retry-After" in headers
+    assert provider.client_credentials_requests == 1
