@@ -6,7 +6,8 @@ associated data ``app_token_aad(provider, scope id)``, ``due``, ``st``) written 
 fenced script, so ``broker rekey`` can re-encrypt it like a grant (SCAN
 ``Keys.app_token_pattern()``). One more field, ``used`` (clear; not a secret), says when a
 client last got the token: the scheduler refreshes only tokens handed out since their last
-refresh, so a scope set nobody asks for any more costs nothing after one lifetime.
+refresh, so a scope set nobody asks for any more costs nothing after one lifetime, and its
+record expires (Redis TTL) a day after its token.
 
 The scope id is base64url(SHA-256(normalised scope)): fixed length, free of ``{``, ``}`` and
 ``:``. The record's lock is ``...:lock`` beside it (same hash tag). The schedule is one sorted
@@ -37,6 +38,7 @@ log = structlog.get_logger(__name__)
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3
 # Fits the request line however it is percent-encoded (aiohttp reads at most 8190 bytes).
 MAX_APP_SCOPE_CHARS = 512
+RECORD_GRACE = 86400.0  # a record outlives its token by this much, then Redis drops it
 
 
 def normalise_scope(raw: str | None) -> str:
@@ -159,15 +161,20 @@ class AppTokenStore:
             )
         if not written:
             return False
+        # Best effort: the schedule (a lost entry: fetched on demand later), and the record's
+        # own expiry, so records of scope sets nobody asks for any more do not pile up.
+        keep = token.access_expires_at - token.updated_at + RECORD_GRACE
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.pexpire(self.keys.app_token_key(token.provider, sid), max(1, int(keep * 1000)))
         if token.next_refresh_at is not None:
-            try:
-                with self._guard("index"):
-                    await self.redis.zadd(
-                        self.keys.app_schedule_key(),
-                        {member(token.provider, sid): token.next_refresh_at},
-                    )
-            except StoreUnavailable:
-                log.warning("app_token.schedule_failed", provider=token.provider)
+            pipe.zadd(
+                self.keys.app_schedule_key(), {member(token.provider, sid): token.next_refresh_at}
+            )
+        try:
+            with self._guard("index"):
+                await pipe.execute()
+        except StoreUnavailable:
+            log.warning("app_token.schedule_failed", provider=token.provider)
         return True
 
     async def mark_used(self, provider: str, sid: str, now: float) -> None:

@@ -145,7 +145,7 @@ class ProviderSettings(DataclassFields, BaseModel):
         default=False,
         description="hand out access tokens for this provider's own client "
         "(`GET /v1/app-tokens/<name>`, the client-credentials grant of RFC 6749 §4.4); off, that "
-        "endpoint answers `404 app_token_not_configured`",
+        "endpoint answers `404 app_token_not_configured`; needs a client secret",
     )
     allow_insecure_http: Flag = Field(
         default=False,
@@ -181,6 +181,11 @@ class ProviderSettings(DataclassFields, BaseModel):
         given = [key for key in SECRET_SOURCES if getattr(self, key) is not None]
         if len(given) > 1:
             raise setting_error(given[1], f"give only one of {', '.join(given)}")
+        if self.client_credentials and not given:
+            # RFC 6749 §4.4: only a confidential client may use the client-credentials grant.
+            raise setting_error(
+                "client_credentials", f"needs a client secret ({', '.join(SECRET_SOURCES)})"
+            )
         return self
 
 

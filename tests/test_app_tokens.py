@@ -7,6 +7,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -17,7 +18,9 @@ import redis.asyncio as aioredis
 from broker.api import APP_SCHEDULER, METRICS
 from broker.app_store import scope_id
 from broker.auth import hash_key, new_api_key
+from broker.config import build_settings
 from broker.devprovider import DevProvider
+from broker.errors import ConfigError
 from tests.conftest import (
     SECRETS,
     Broker,
@@ -375,6 +378,8 @@ async def test_the_record_is_encrypted_and_bound_to_its_scope(
         assert set(record) >= {b"v", b"blob", b"due", b"st", b"used"}
         assert record[b"blob"][0] == 1  # the key ring's record format, as grants'
         assert ab["access_token"].encode() not in record[b"blob"]
+        # dropped by Redis a day after its token expires, when nobody renewed it
+        assert 86400 * 1000 < await client.pttl(ab_key) <= (3600 + 86400) * 1000
         # "a b"'s ciphertext under "c"'s key fails authentication: never served for "c"
         await client.hset(c_key, "blob", record[b"blob"])
     finally:
@@ -459,3 +464,11 @@ async def test_redis_down_is_a_503_store_unavailable(
     assert (status, problem["code"]) == (503, "store_unavailable")
     assert "Retry-After" in headers
     assert provider.client_credentials_requests == 1
+
+
+def test_app_tokens_need_a_client_secret() -> None:
+    table = {"token_url": "https://idp.example/token", "client_id": "b", "client_credentials": True}
+    with pytest.raises(ConfigError) as caught:
+        build_settings({"providers": {"p": table}}, {}, base_dir=Path.cwd())
+    assert caught.value.setting == "providers.p.client_credentials"
+    assert "client secret" in str(caught.value)
