@@ -472,3 +472,59 @@ def test_app_tokens_need_a_client_secret() -> None:
         build_settings({"providers": {"p": table}}, {}, base_dir=Path.cwd())
     assert caught.value.setting == "providers.p.client_credentials"
     assert "client secret" in str(caught.value)
+
+
+async def test_a_provider_slower_than_provider_timeout_leaves_the_token_served(
+    make_broker: BrokerFactory, provider: DevProvider
+) -> None:
+    timeouts = {"provider_timeout": 0.5, "rotated_write_window": 1.0, "redis_timeout": 0.5}
+    broker = await make_broker(provider=ENABLED, **timeouts)
+    _, first, _ = await app_token(broker)
+    broker.clock.advance(3500)
+    provider.fail_next("slow", delay=5)
+    status, kept, _ = await app_token(broker, min_ttl=300)
+    assert (status, kept["access_token"]) == (200, first["access_token"])
+    status, fresh, _ = await app_token(broker, min_ttl=300)  # the next request gets through
+    assert status == 200
+    assert fresh["access_token"] != first["access_token"]
+
+
+async def test_the_scheduler_retries_a_failed_renewal_until_the_provider_is_back(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    broker = await make_broker(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        provider=ENABLED,
+        circuit_failures=1000,
+        **FAST,
+    )
+    _, first, _ = await app_token(broker)
+    provider.fail_always("server_error")
+    broker.clock.advance(3600 - 250)
+
+    def scheduled(outcome: str) -> float:
+        return metric(
+            broker,
+            "broker_app_token_requests_total",
+            provider="dev",
+            outcome=outcome,
+            trigger="scheduled",
+        )
+
+    async def failed_twice() -> bool:
+        return scheduled("transient") >= 2
+
+    await eventually(failed_twice, "two failed scheduled renewals")
+    status, kept, _ = await app_token(broker, min_ttl=0)
+    assert (status, kept["access_token"]) == (200, first["access_token"])
+    provider.heal()
+
+    async def renewed() -> bool:
+        return scheduled("success") == 1
+
+    await eventually(renewed, "the renewal once the provider is back")
+    status, fresh, _ = await app_token(broker, min_ttl=3000)
+    assert status == 200
+    assert fresh["access_token"] != first["access_token"]
+    assert scheduled("success") == 1
