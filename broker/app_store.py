@@ -21,7 +21,7 @@ import base64
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -30,7 +30,7 @@ import structlog
 from broker.crypto import KeyRing, app_token_aad
 from broker.errors import GrantUnreadable, InvalidRequest, StoreUnavailable
 from broker.metrics import Metrics
-from broker.models import GrantState
+from broker.models import GrantState, TokenSet
 from broker.store import Guard, Keys, script
 
 log = structlog.get_logger(__name__)
@@ -84,6 +84,23 @@ class AppToken:
     def lifetime(self) -> float | None:
         return self.access_expires_at - self.access_issued_at
 
+    def with_failure(
+        self, reason: str, now: float, *, retry_at: float, failing_after: int
+    ) -> AppToken:
+        """The record after a failed request: its token kept, tried again at ``retry_at``;
+        ``refresh_failing`` after ``failing_after`` failures in a row or once it has expired."""
+        failures = self.consecutive_failures + 1
+        failing = failures >= failing_after or self.valid_for(now) <= 0
+        return replace(
+            self,
+            state="refresh_failing" if failing else self.state,
+            consecutive_failures=failures,
+            last_error=reason,
+            next_refresh_at=retry_at,
+            updated_at=now,
+            version=self.version + 1,
+        )
+
     def to_payload(self) -> bytes:
         data = asdict(self)
         for key in ("provider", "version"):
@@ -101,6 +118,28 @@ class AppToken:
             return cls(provider=provider, version=version, **data)
         except (ValueError, TypeError) as err:
             raise GrantUnreadable("stored app token record is malformed") from err
+
+
+def issued(
+    provider: str, scope: str, tokens: TokenSet, stored: Stored, *, requested_at: float, due: float
+) -> AppToken:
+    """The record holding the token the provider just issued, replacing ``stored``.
+    Lifetimes count from ``requested_at``: the provider's clock started no earlier."""
+    old = stored.token
+    return AppToken(
+        provider=provider,
+        scope=scope,
+        access_token=tokens.access_token,
+        token_type=tokens.token_type,
+        access_expires_at=requested_at + tokens.expires_in,
+        access_issued_at=requested_at,
+        granted_scope=tokens.scope if tokens.scope is not None else (scope or None),
+        next_refresh_at=due,
+        refresh_count=(old.refresh_count + 1) if old is not None else 0,
+        created_at=old.created_at if old is not None else requested_at,
+        updated_at=requested_at,
+        version=stored.version + 1,
+    )
 
 
 @dataclass(frozen=True, slots=True)

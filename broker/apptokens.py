@@ -18,12 +18,12 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import structlog
 
-from broker.app_store import AppToken, AppTokenStore, Stored, scope_id
+from broker.app_store import AppToken, AppTokenStore, Stored, issued, scope_id
 from broker.config import ProviderSettings
 from broker.errors import (
     AppTokenNotConfigured,
@@ -210,8 +210,8 @@ class AppTokenService:
         await self._locks.ensure(held, self._policy.call_budget)
         if not breaker.allow():
             self._count(provider, "circuit_open", trigger)
-            if stored.token is not None and stored.token.valid_for(self.clock()) > 0:
-                return stored.token
+            if (valid := self._valid(stored)) is not None:
+                return valid
             raise UpstreamUnavailable(
                 "the provider is failing; calls to it are paused",
                 retry_after=math.ceil(breaker.retry_after()),
@@ -237,26 +237,13 @@ class AppTokenService:
         breaker.record_success()
         self._count(provider, "success", trigger)
         lifetime = tokens.expires_in
-        old = stored.token
-        new = AppToken(
-            provider=provider,
-            scope=scope,
-            access_token=tokens.access_token,
-            token_type=tokens.token_type,
-            access_expires_at=requested_at + lifetime,
-            access_issued_at=requested_at,
-            granted_scope=tokens.scope if tokens.scope is not None else (scope or None),
-            next_refresh_at=refresh_due_at(
-                requested_at + lifetime,
-                lifetime,
-                lead=self._policy.lead,
-                jitter_max=self._policy.jitter_max,
-            ),
-            refresh_count=(old.refresh_count + 1) if old is not None else 0,
-            created_at=old.created_at if old is not None else requested_at,
-            updated_at=requested_at,
-            version=stored.version + 1,
+        due = refresh_due_at(
+            requested_at + lifetime,
+            lifetime,
+            lead=self._policy.lead,
+            jitter_max=self._policy.jitter_max,
         )
+        new = issued(provider, scope, tokens, stored, requested_at=requested_at, due=due)
         held.stage = "write"
         try:
             written: bool | None = await self.store.write(new, stored.version)
@@ -289,26 +276,18 @@ class AppTokenService:
         )
         token = stored.token
         if token is not None:
-            failures = token.consecutive_failures + 1
-            retry_at = now + self._policy.retry_delay(failures, retry_after)
+            retry_at = now + self._policy.retry_delay(token.consecutive_failures + 1, retry_after)
             if now < token.access_expires_at < retry_at:
                 retry_at = max(token.access_expires_at, now + (retry_after or 0.0))
-            failing = failures >= self._policy.failures_before_failing or token.valid_for(now) <= 0
-            token = replace(
-                token,
-                state="refresh_failing" if failing else token.state,
-                consecutive_failures=failures,
-                last_error=err.reason,
-                next_refresh_at=retry_at,
-                updated_at=now,
-                version=stored.version + 1,
-            )
+            limit = self._policy.failures_before_failing
+            token = token.with_failure(err.reason, now, retry_at=retry_at, failing_after=limit)
             try:
-                await self.store.write(token, stored.version)
+                if not await self.store.write(token, stored.version):
+                    token = (await self.store.read(provider, scope_id(token.scope))).token or token
             except StoreUnavailable:
                 log.warning("app_token.failure_not_recorded", provider=provider)
             if token.valid_for(now) > 0:
-                return token
+                return token  # a newer record's, or ours: still valid, with the failure noted
         if err.reason == "invalid_scope":
             raise InvalidRequest("the provider refused this scope (invalid_scope)") from err
         raise UpstreamUnavailable(
