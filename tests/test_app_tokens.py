@@ -21,6 +21,7 @@ from broker.auth import hash_key, new_api_key
 from broker.config import build_settings
 from broker.devprovider import DevProvider
 from broker.errors import ConfigError
+from broker.store import Keys
 from tests.conftest import (
     SECRETS,
     Broker,
@@ -368,11 +369,12 @@ async def test_the_record_is_encrypted_and_bound_to_its_scope(
     broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix, provider=ENABLED)
     _, ab, _ = await app_token(broker, "b a")
     _, c, _ = await app_token(broker, "c")
-    ab_key = f"{key_prefix}:{{app:dev:{scope_id('a b')}}}:token"
+    ab_key = f"{key_prefix}:{{app:dev:{scope_id('a b')}}}:token"  # as documented
     c_key = f"{key_prefix}:{{app:dev:{scope_id('c')}}}:token"
+    pattern = Keys(key_prefix).app_token_pattern()  # what a key rotation scans for
     client = aioredis.Redis.from_url(redis_server.url)
     try:
-        found = {k.decode() async for k in client.scan_iter(match=f"{key_prefix}:{{app:*}}:token")}
+        found = {k.decode() async for k in client.scan_iter(match=pattern)}
         assert found == {ab_key, c_key}
         record = await client.hgetall(ab_key)
         assert set(record) >= {b"v", b"blob", b"due", b"st", b"used"}
