@@ -164,6 +164,7 @@ class AppTokenStore:
         self._fenced_write = redis.register_script(script("fenced_write.lua"))
         self._claim = redis.register_script(script("claim_due.lua"))
         self._move = redis.register_script(script("move_lease.lua"))
+        self._used = redis.register_script(script("app_token_used.lua"))
 
     async def read(self, provider: str, sid: str) -> Stored:
         """The record; an unreadable one (tampering, a key removed too early) counts as absent,
@@ -220,7 +221,7 @@ class AppTokenStore:
         """Note a handout (best effort: at worst the token is fetched on demand later)."""
         try:
             with self._guard("write"):
-                await self.redis.hset(self.keys.app_token_key(provider, sid), "used", repr(now))
+                await self._used(keys=[self.keys.app_token_key(provider, sid)], args=[repr(now)])
         except StoreUnavailable:
             log.warning("app_token.use_not_recorded", provider=provider)
 
