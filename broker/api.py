@@ -16,6 +16,9 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
 from broker import audit, schemas
+from broker.app_schedule import AppTokenScheduler
+from broker.app_store import normalise_scope
+from broker.apptokens import AppTokenService
 from broker.auth import authorize, may_name
 from broker.authorize import AuthorizationService
 from broker.config import Settings
@@ -46,6 +49,8 @@ GRANTS = web.AppKey("grants", GrantService)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 AUTHORIZATIONS = web.AppKey("authorizations", AuthorizationService)
+APP_TOKENS = web.AppKey("app_tokens", AppTokenService)
+APP_SCHEDULER = web.AppKey("app_scheduler", AppTokenScheduler)
 
 BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -104,6 +109,29 @@ async def report_rejected_token(request: web.Request) -> web.Response:
         refresher = request.app[REFRESHER]
         grant = await refresher.replace_rejected(provider, user_id, body.rejected_token)
         return _hand_out(request, client.name, grant, fields)
+
+
+async def get_app_token(request: web.Request) -> web.Response:
+    provider = request.match_info["provider"]
+    client = client_of(request)
+    with audit.audited(
+        audit.APP_TOKEN_HANDOUT, client=client.name, provider=provider, user_id=None
+    ) as fields:
+        authorize(client, "tokens:read", provider)
+        settings = request.app[SETTINGS]
+        min_ttl = _int_query(request, "min_ttl", settings.default_min_ttl, 0, settings.max_min_ttl)
+        scope = normalise_scope(request.query.get("scope"))
+        fields["scope"] = scope
+        token = await request.app[APP_TOKENS].token(provider, scope, min_ttl)
+    request.app[METRICS].app_token_handouts.labels(provider, client.name).inc()
+    answer = Token(
+        access_token=token.access_token,
+        token_type=token.token_type,
+        expires_at=_iso(token.access_expires_at),
+        expires_in=max(0, int(token.access_expires_at - _now(request))),
+        scope=token.granted_scope,
+    )
+    return _answer(answer)
 
 
 def _hand_out(
@@ -350,6 +378,7 @@ async def openapi(request: web.Request) -> web.Response:
 HANDLERS: dict[str, Handler] = {
     "getToken": get_token,
     "reportRejectedToken": report_rejected_token,
+    "getAppToken": get_app_token,
     "importGrant": put_grant,
     "getGrant": get_grant,
     "listGrants": list_grants,

@@ -23,6 +23,9 @@ import structlog
 from aiohttp import web
 
 from broker import api
+from broker.app_schedule import AppTokenScheduler
+from broker.app_store import AppTokenStore
+from broker.apptokens import AppTokenService
 from broker.auth import Authenticator
 from broker.authorize import AuthorizationService
 from broker.config import Settings
@@ -92,6 +95,7 @@ def create_app(
     app[DRAIN] = DrainBudget()
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(_app_scheduler)
     app.cleanup_ctx.append(_scheduler)  # registered last: stops first
     if reload_on_sighup:
         app.cleanup_ctx.append(
@@ -201,11 +205,61 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         settings,
         clock=app[CLOCK],
     )
+    app[api.APP_TOKENS] = _app_tokens(app, settings, store, oauth, providers)
     yield
     # Whatever is left of the budget, but never less than one Redis round trip: a rotated
     # token in hand gets its write.
     await refresher.drain(max(_drain_left(app), settings.redis_timeout))
+    await app[api.APP_TOKENS].drain(_drain_left(app))
     await session.close()
+
+
+def _app_tokens(
+    app: web.Application,
+    settings: Settings,
+    store: GrantStore,
+    oauth: OAuthClient,
+    providers: ProviderRegistry,
+) -> AppTokenService:
+    """App tokens: their own records and locks (``{prefix}:{app:...}``), the grants' policy."""
+    locks = GrantLocks(
+        LockStore(
+            store,
+            min_replicas=settings.min_replicas_to_ack,
+            ack_timeout=settings.replica_ack_timeout,
+            key=store.keys.app_lock_key,
+        ),
+        ttl=settings.lock_ttl,
+        wait_timeout=settings.lock_wait_timeout,
+    )
+    app_store = AppTokenStore(
+        store.redis, app[api.KEYRING], store.keys, store.guard, app[api.METRICS]
+    )
+    policy = RefreshPolicy.from_settings(settings)
+    return AppTokenService(
+        app_store, locks, oauth, providers, app[api.METRICS], policy, clock=app[CLOCK]
+    )
+
+
+async def _app_scheduler(app: web.Application) -> AsyncIterator[None]:
+    """The app tokens' refresher, only where some provider enables them."""
+    settings = app[api.SETTINGS]
+    if not settings.scheduler_enabled or not any(
+        p.client_credentials for p in settings.providers.values()
+    ):
+        yield
+        return
+    scheduler = AppTokenScheduler(
+        app[api.APP_TOKENS],
+        tick=settings.scheduler_tick,
+        lease=settings.scheduler_lease,
+        concurrency=settings.scheduler_concurrency,
+        clock=app[CLOCK],
+    )
+    app[api.APP_SCHEDULER] = scheduler
+    scheduler.start()
+    yield
+    await scheduler.stop(_drain_left(app))
 
 
 async def _scheduler(app: web.Application) -> AsyncIterator[None]:
@@ -251,4 +305,6 @@ async def _stop_accepting(app: web.Application) -> None:
     app[api.STOPPING].set()
     if api.SCHEDULER in app:
         app[api.SCHEDULER].stop_claiming()
+    if api.APP_SCHEDULER in app:
+        app[api.APP_SCHEDULER].stop_claiming()
     log.info("broker.stopping")

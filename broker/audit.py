@@ -27,6 +27,7 @@ GRANT_DELETE = "grant.delete"
 AUTHORIZATION_START = "authorization.start"
 AUTHORIZATION_FINISH = "authorization.finish"
 CONFIG_RELOAD = "config.reload"
+APP_TOKEN_HANDOUT = "app_token.handout"
 EVENTS = (
     TOKEN_HANDOUT,
     GRANT_IMPORT,
@@ -34,6 +35,7 @@ EVENTS = (
     AUTHORIZATION_START,
     AUTHORIZATION_FINISH,
     CONFIG_RELOAD,
+    APP_TOKEN_HANDOUT,
 )
 
 _log = structlog.get_logger(LOGGER)

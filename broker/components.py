@@ -207,8 +207,10 @@ PROBLEM_RESPONSES = (
     ProblemResponse(
         "NotFound",
         404,
-        "`provider_not_found` (no provider of that name is configured) or `grant_not_found` "
-        "(the broker holds no grant for this provider and user id).",
+        "`provider_not_found` (no provider of that name is configured), `grant_not_found` "
+        "(the broker holds no grant for this provider and user id) or "
+        "`app_token_not_configured` (the provider does not enable app tokens: "
+        "`client_credentials = true`).",
         (
             ProblemExample(
                 errors.ProviderNotFound,
@@ -217,6 +219,11 @@ PROBLEM_RESPONSES = (
             ),
             ProblemExample(
                 errors.GrantNotFound, "No grant", "no grant for this user at 'alfresco'"
+            ),
+            ProblemExample(
+                errors.AppTokenNotConfigured,
+                "App tokens not enabled",
+                "provider 'alfresco' does not enable app tokens (client_credentials)",
             ),
         ),
     ),

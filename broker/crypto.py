@@ -27,6 +27,12 @@ def grant_aad(provider: str, user_id: str) -> bytes:
     return b"broker/grant/v1\x00" + provider.encode() + b"\x00" + user_id.encode()
 
 
+def app_token_aad(provider: str, scope_id: str) -> bytes:
+    """Associated data naming one app token record: its provider and scope id (a hash of the
+    normalised scope, ``broker/app_store.py``)."""
+    return b"broker/app-token/v1\x00" + provider.encode() + b"\x00" + scope_id.encode()
+
+
 def authorization_aad(key: str) -> bytes:
     """Associated data naming one pending authorization by its Redis key."""
     return b"broker/authz/v1\x00" + key.encode()

@@ -11,6 +11,7 @@ token, key or secret: they are logged and returned as they are.
     ├── Forbidden                    403 forbidden
     ├── ProviderNotFound             404 provider_not_found
     ├── GrantNotFound                404 grant_not_found
+    ├── AppTokenNotConfigured        404 app_token_not_configured
     ├── ReauthRequired               409 reauth_required
     ├── PayloadTooLarge              413 payload_too_large
     ├── InvalidRefreshToken          422 invalid_refresh_token
@@ -30,6 +31,7 @@ token, key or secret: they are logged and returned as they are.
 from __future__ import annotations
 
 __all__ = [
+    "AppTokenNotConfigured",
     "BrokerError",
     "ConfigError",
     "Forbidden",
@@ -88,6 +90,10 @@ class ProviderNotFound(BrokerError):
 
 class GrantNotFound(BrokerError):
     status, code, title = 404, "grant_not_found", "No grant for this provider and user"
+
+
+class AppTokenNotConfigured(BrokerError):
+    status, code, title = 404, "app_token_not_configured", "No app tokens for this provider"
 
 
 class ReauthRequired(BrokerError):

@@ -51,8 +51,17 @@ class LockLost(UpstreamUnavailable):
 class LockStore:
     """The lock keys themselves: take, renew and release, each one idempotent script."""
 
-    def __init__(self, store: GrantStore, *, min_replicas: int = 0, ack_timeout: float = 1.0):
+    def __init__(
+        self,
+        store: GrantStore,
+        *,
+        min_replicas: int = 0,
+        ack_timeout: float = 1.0,
+        key: Callable[[str, str], str] | None = None,
+    ):
         self._store = store
+        # whose locks: grants' by default, app tokens' (provider, scope id) with Keys.app_lock_key
+        self._key = key or store.keys.lock_key
         self._min_replicas = min_replicas
         self._ack_timeout = ack_timeout
         redis = store.redis
@@ -67,7 +76,7 @@ class LockStore:
         same connection), so a failover right after cannot hand it to another replica; a lock
         the replicas did not confirm in time is used anyway, logged and counted."""
         token = secrets.token_hex(16)
-        keys = [self._store.keys.lock_key(provider, user_id)]
+        keys = [self._key(provider, user_id)]
         args: list[str | int] = [token, int(ttl * 1000)]
         with self._store.guard("lock"):
             if self._min_replicas <= 0:
@@ -92,13 +101,13 @@ class LockStore:
     async def renew(self, provider: str, user_id: str, token: str, ttl: float) -> bool:
         with self._store.guard("lock"):
             renewed = await self._renew(
-                keys=[self._store.keys.lock_key(provider, user_id)], args=[token, int(ttl * 1000)]
+                keys=[self._key(provider, user_id)], args=[token, int(ttl * 1000)]
             )
         return bool(renewed)
 
     async def release(self, provider: str, user_id: str, token: str) -> None:
         with self._store.guard("lock"):
-            await self._release(keys=[self._store.keys.lock_key(provider, user_id)], args=[token])
+            await self._release(keys=[self._key(provider, user_id)], args=[token])
 
 
 @dataclass

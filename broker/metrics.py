@@ -42,6 +42,19 @@ class Metrics:
             ["provider", "client"],
             registry=r,
         )
+        self.app_token_handouts = Counter(
+            "broker_app_token_handouts",
+            "App tokens (client-credentials grant) handed to clients.",
+            ["provider", "client"],
+            registry=r,
+        )
+        self.app_token_requests = Counter(
+            "broker_app_token_requests",
+            "App token requests to providers by outcome (success, transient, rejected; "
+            "circuit_open: no call made) and trigger (on_demand, scheduled).",
+            ["provider", "outcome", "trigger"],
+            registry=r,
+        )
         self.refreshes = Counter(
             "broker_refreshes",
             "Refreshes by outcome (success, rejected, transient; circuit_open: no call made).",

@@ -94,6 +94,14 @@ class OAuthClient:
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         return await self._token_request(provider, form)
 
+    async def client_credentials(self, provider: ProviderSettings, scope: str) -> TokenSet:
+        """An access token for the provider's own client (RFC 6749 §4.4); ``scope`` "" asks
+        for the provider's default."""
+        form = {"grant_type": "client_credentials"}
+        if scope:
+            form["scope"] = scope
+        return await self._token_request(provider, form)
+
     async def exchange_code(
         self, provider: ProviderSettings, code: str, redirect_uri: str, code_verifier: str | None
     ) -> TokenSet:

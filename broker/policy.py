@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
 from broker.config import Settings
-from broker.models import Grant
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,15 @@ class RefreshPolicy:
         return max(delay, retry_after or 0.0)
 
 
-def fresh_enough(grant: Grant, min_ttl: float, now: float) -> bool:
+class HeldToken(Protocol):
+    """An access token held for handing out: a grant's, or an app token."""
+
+    def valid_for(self, now: float) -> float: ...
+
+    def lifetime(self) -> float | None: ...
+
+
+def fresh_enough(grant: HeldToken, min_ttl: float, now: float) -> bool:
     """Whether the held token lasts ``min_ttl`` more seconds. A ``min_ttl`` the provider's
     lifetime cannot meet is capped at half that lifetime: the freshest token the broker can
     hold without refreshing more than once per half lifetime."""

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from broker import schemas
+from broker.app_store import MAX_APP_SCOPE_CHARS
 from broker.route_types import Limits, Operation, Param, Permission, Reply
 
 __all__ = ["OPERATIONS", "Limits", "Operation", "Param", "Permission", "Reply"]
@@ -115,6 +116,55 @@ OPERATIONS: tuple[Operation, ...] = (
             "grant_not_found",
             "reauth_required",
             "grant_unreadable",
+            "upstream_unavailable",
+            "store_unavailable",
+        ),
+    ),
+    Operation(
+        operation_id="getAppToken",
+        method="GET",
+        path=r"/v1/app-tokens/{provider:[^/]+}",
+        tag="tokens",
+        summary="Get a current access token for the provider's own client",
+        description="An access token for calls an application makes as itself: the "
+        "client-credentials grant (RFC 6749 §4.4) of the broker's client at this provider, "
+        "which must enable it (`client_credentials = true`; otherwise "
+        "`404 app_token_not_configured`). Each distinct scope set is its own token: `scope` is "
+        "normalised (order and duplicates do not matter); without `scope` the provider's "
+        "default scope is asked for.\n\n"
+        "The token is held encrypted in Redis, shared by all replicas and refreshed by the "
+        "scheduler before expiry while clients use it; there is one token request per "
+        "(provider, scope) at a time across all replicas, and concurrent callers share its "
+        "result. `min_ttl` works as for user tokens. When the provider cannot issue a token "
+        "now, a still-valid one is returned; `503 upstream_unavailable` only when none is. "
+        "A scope the provider refuses (`invalid_scope`) is `400 invalid_request`.\n\n"
+        "Every token handed out is written to the audit log (event `app_token.handout`: "
+        "client, provider, scope, request id; never the token). The response carries "
+        "`Cache-Control: no-store`.",
+        permission="tokens:read",
+        query=(
+            Param(
+                "min_ttl",
+                "Seconds the returned token must stay valid at least, as for "
+                "`GET /v1/tokens/{provider}/{user_id}`.",
+                _min_ttl,
+            ),
+            Param(
+                "scope",
+                "Space-separated scopes (RFC 6749 §3.3 scope tokens); absent or empty: the "
+                "provider's default.",
+                {
+                    "type": "string",
+                    "maxLength": MAX_APP_SCOPE_CHARS,
+                    "pattern": "^[\\x21\\x23-\\x5b\\x5d-\\x7e ]*$",
+                },
+            ),
+        ),
+        replies={200: Reply("A current app token.", schemas.Token, headers=NO_STORE)},
+        problems=(
+            "invalid_request",
+            "provider_not_found",
+            "app_token_not_configured",
             "upstream_unavailable",
             "store_unavailable",
         ),

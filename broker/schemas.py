@@ -45,6 +45,7 @@ ProblemCode = Literal[
     "forbidden",
     "provider_not_found",
     "grant_not_found",
+    "app_token_not_configured",
     "reauth_required",
     "payload_too_large",
     "rate_limited",
@@ -74,8 +75,8 @@ class _Answer(BaseModel):
 
 
 class Token(_Answer):
-    """A current access token for one (provider, user id). Never cache it beyond
-    `expires_at`; fetch again instead."""
+    """A current access token for one (provider, user id), or for the provider's own client
+    (an app token). Never cache it beyond `expires_at`; fetch again instead."""
 
     model_config = ConfigDict(
         extra="forbid",

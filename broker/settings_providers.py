@@ -152,6 +152,12 @@ class ProviderSettings(DataclassFields, BaseModel):
         "any other error is transient and retried. Add `invalid_client` only if you would rather "
         "mark every grant dead than retry after a client-secret mistake.",
     )
+    client_credentials: Flag = Field(
+        default=False,
+        description="hand out access tokens for this provider's own client "
+        "(`GET /v1/app-tokens/<name>`, the client-credentials grant of RFC 6749 §4.4); off, that "
+        "endpoint answers `404 app_token_not_configured`; needs a client secret",
+    )
     allow_insecure_http: Flag = Field(
         default=False,
         description="allow plain `http` URLs for non-loopback hosts (a dev provider in "
@@ -186,6 +192,11 @@ class ProviderSettings(DataclassFields, BaseModel):
         given = [key for key in SECRET_SOURCES if getattr(self, key) is not None]
         if len(given) > 1:
             raise setting_error(given[1], f"give only one of {', '.join(given)}")
+        if self.client_credentials and not given:
+            # RFC 6749 §4.4: only a confidential client may use the client-credentials grant.
+            raise setting_error(
+                "client_credentials", f"needs a client secret ({', '.join(SECRET_SOURCES)})"
+            )
         return self
 
 

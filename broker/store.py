@@ -190,6 +190,20 @@ class Keys:
         """A client's token bucket; its name base64url-encoded, as a hash tag of its own."""
         return f"{self._prefix}:{{ratelimit:{member(client)}}}:bucket"
 
+    def app_token_key(self, provider: str, scope_id: str) -> str:
+        """An app token record (``broker/app_store.py``); its lock shares the hash tag."""
+        return f"{self._prefix}:{{app:{provider}:{scope_id}}}:token"
+
+    def app_token_pattern(self) -> str:
+        """A SCAN pattern matching every app token record of this prefix."""
+        return f"{self._prefix}:{{app:*}}:token"
+
+    def app_lock_key(self, provider: str, scope_id: str) -> str:
+        return f"{self._prefix}:{{app:{provider}:{scope_id}}}:lock"
+
+    def app_schedule_key(self) -> str:
+        return f"{self._prefix}:app-schedule"
+
 
 class Guard:
     """Turns any Redis failure into StoreUnavailable (503 with Retry-After), counted."""

@@ -128,6 +128,17 @@ async def test_each_request_event_is_emitted_with_its_request_id(
     assert status == 404
     expect(rid, "token.handout", user_id="nobody", outcome="grant_not_found")
 
+    status, rid = await call(broker, "GET", f"/v1/app-tokens/{PROVIDER}?scope=b%20a")
+    assert status == 404  # the dev provider here has no client_credentials
+    expect(
+        rid,
+        "app_token.handout",
+        client="svc",
+        user_id=None,
+        scope="a b",
+        outcome="app_token_not_configured",
+    )
+
     status, rid = await call(broker, "DELETE", path("grants", user))
     assert status == 204
     expect(rid, "grant.delete", user_id=user, outcome="success", revocation="revoked")

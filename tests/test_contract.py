@@ -81,6 +81,8 @@ async def test_served_document_has_the_running_limits(make_broker: BrokerFactory
         "invalid_request/value/detail",
         "components/responses/PayloadTooLarge/content/application/problem+json/examples/"
         "payload_too_large/value/detail",
+        "paths//v1/app-tokens/{provider}/get/parameters/0/schema/default",
+        "paths//v1/app-tokens/{provider}/get/parameters/0/schema/maximum",
         "paths//v1/tokens/{provider}/{user_id}/get/parameters/0/schema/default",
         "paths//v1/tokens/{provider}/{user_id}/get/parameters/0/schema/maximum",
     ]

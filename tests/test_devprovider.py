@@ -361,7 +361,11 @@ async def test_discovery_document(dev: DevProvider, http: aiohttp.ClientSession)
         assert doc["token_endpoint"] == dev.token_url
         assert doc["revocation_endpoint"] == dev.revocation_url
         assert doc["introspection_endpoint"] == dev.introspection_url
-        assert doc["grant_types_supported"] == ["authorization_code", "refresh_token"]
+        assert doc["grant_types_supported"] == [
+            "authorization_code",
+            "refresh_token",
+            "client_credentials",
+        ]
         assert doc["token_endpoint_auth_methods_supported"] == ["client_secret_basic"]
         assert doc["code_challenge_methods_supported"] == ["S256"]
 

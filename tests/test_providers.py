@@ -246,6 +246,20 @@ async def test_alfresco_process_services_basic_auth_and_introspection(
     assert await introspect(browser, provider, access) == {"active": False}
 
 
+async def test_alfresco_process_services_hands_out_app_tokens(
+    make_broker: BrokerFactory,
+    provider: DevProvider,
+    browser: aiohttp.ClientSession,
+    landing: Landing,
+) -> None:
+    name = "alfresco-process-services"
+    broker = await broker_for(make_broker, provider, landing, name)
+    status, body, _ = await broker.call("GET", f"/v1/app-tokens/{name}?scope=openid")
+    assert status == 200, body
+    assert (body["scope"], provider.auth_methods_seen) == ("openid", ["client_secret_basic"])
+    assert (await introspect(browser, provider, body["access_token"]))["active"] is True
+
+
 @pytest.mark.parametrize("setting", ["issuer", "discovery_url"])
 async def test_a_generic_oidc_provider_is_discovered_at_start_up(
     make_broker: BrokerFactory,

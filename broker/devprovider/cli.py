@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--access-token-ttl", type=int, default=3600, metavar="SECONDS")
+    parser.add_argument(
+        "--client-token-ttl",
+        type=int,
+        metavar="SECONDS",
+        help="lifetime of client-credentials tokens (default: --access-token-ttl)",
+    )
     parser.add_argument("--no-rotation", action="store_true", help="keep refresh tokens")
     parser.add_argument(
         "--forgive-reuse",
@@ -56,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         client_id=args.client_id,
         client_auth=args.client_auth,
         access_token_ttl=args.access_token_ttl,
+        client_token_ttl=args.client_token_ttl,
         rotate_refresh_tokens=not args.no_rotation,
         revoke_on_reuse=False if args.forgive_reuse else None,
         form_encoded=args.form_encoded,

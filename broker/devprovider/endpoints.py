@@ -18,6 +18,10 @@ from broker.devprovider.wire import _error, _form
 class GrantEndpoints(ProviderState):
     """GET /authorize, POST /revoke, POST /introspect and the discovery documents."""
 
+    def _grant_types(self) -> list[str]:
+        granted = ["authorization_code", "refresh_token"]
+        return [*granted, "client_credentials"] if self.settings.client_credentials else granted
+
     async def _authorize(self, request: web.Request) -> web.Response:
         """Auto-approve (no UI) and redirect back with a code, as a consenting user would."""
         q, s = request.query, self.settings
@@ -107,7 +111,7 @@ class GrantEndpoints(ProviderState):
                 "revocation_endpoint": base + "/revoke",
                 "introspection_endpoint": base + "/introspect",
                 "response_types_supported": ["code"],
-                "grant_types_supported": ["authorization_code", "refresh_token"],
+                "grant_types_supported": self._grant_types(),
                 "token_endpoint_auth_methods_supported": [self.settings.client_auth],
                 "code_challenge_methods_supported": ["S256"],
             }

@@ -42,6 +42,7 @@ class DevProvider(TokenEndpoint, GrantEndpoints):
         self.refresh_requests = 0
         self.reused_refresh_tokens = 0
         self.code_exchanges = 0
+        self.client_credentials_requests = 0
         self.revocations = []
         self.auth_methods_seen = []
 

@@ -39,6 +39,8 @@ class DevProviderSettings:
     offline_scope: str | None = None
     # the user consents to only these of the scopes asked for (a narrower grant); None: all
     grantable_scopes: tuple[str, ...] | None = None
+    client_credentials: bool = True  # the client-credentials grant (RFC 6749 4.4) is offered
+    client_token_ttl: int | None = None  # its access tokens' lifetime; None: access_token_ttl
 
     @property
     def reuse_revokes(self) -> bool:

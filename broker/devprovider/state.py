@@ -38,6 +38,7 @@ class ProviderState:
     refresh_requests: int
     reused_refresh_tokens: int
     code_exchanges: int
+    client_credentials_requests: int
     revocations: list[RevocationRecord]
     auth_methods_seen: list[str]
 

@@ -1,5 +1,5 @@
-"""The dev provider's token endpoint: refresh_token and authorization_code grants, rotation,
-reuse detection, and the failures tests ask for."""
+"""The dev provider's token endpoint: refresh_token, authorization_code and client_credentials
+grants, rotation, reuse detection, and the failures tests ask for."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ class TokenEndpoint(ProviderState):
             self.refresh_requests += 1
         elif grant_type == "authorization_code":
             self.code_exchanges += 1
+        elif grant_type == "client_credentials":
+            self.client_credentials_requests += 1
         await self._released.wait()
         if failure is not None and failure.kind == "slow":
             with contextlib.suppress(TimeoutError):  # close() cuts the delay short
@@ -44,6 +46,8 @@ class TokenEndpoint(ProviderState):
             return self._refresh(form)
         if grant_type == "authorization_code":
             return self._exchange(form)
+        if grant_type == "client_credentials" and self.settings.client_credentials:
+            return self._client_token(form)
         if not grant_type:
             return _error(400, "invalid_request")
         return _error(400, "unsupported_grant_type")
@@ -88,16 +92,29 @@ class TokenEndpoint(ProviderState):
             code.grant, new_refresh_token=offline is None or offline in code.scope.split()
         )
 
-    def _answer(self, grant: _Grant, *, new_refresh_token: bool) -> web.Response:
+    def _client_token(self, form: dict[str, str]) -> web.Response:
+        """The client's own token (RFC 6749 4.4): the scope asked for, echoed (``invalid_scope``
+        beyond ``grantable_scopes``); no refresh token (4.4.3)."""
         s = self.settings
+        scope = " ".join(form.get("scope", "").split()) or s.scope
+        if s.grantable_scopes is not None and not set(scope.split()) <= set(s.grantable_scopes):
+            return _error(400, "invalid_scope")
+        ttl = s.access_token_ttl if s.client_token_ttl is None else s.client_token_ttl
+        return self._answer(_Grant(s.client_id, scope), new_refresh_token=False, ttl=ttl)
+
+    def _answer(
+        self, grant: _Grant, *, new_refresh_token: bool, ttl: int | None = None
+    ) -> web.Response:
+        s = self.settings
+        ttl = s.access_token_ttl if ttl is None else ttl
         access = "at_" + secrets.token_urlsafe(24)
-        self._access_tokens[access] = _AccessToken(grant, time.time() + s.access_token_ttl)
+        self._access_tokens[access] = _AccessToken(grant, time.time() + ttl)
         body: dict[str, str | int] = {
             "access_token": access,
             "token_type": "bearer" if s.form_encoded else "Bearer",
         }
         if s.include_expires_in:
-            body["expires_in"] = s.access_token_ttl
+            body["expires_in"] = ttl
         if new_refresh_token:
             body["refresh_token"] = self._new_refresh_token(grant)
         body["scope"] = grant.scope
