@@ -100,15 +100,14 @@ async def report_rejected_token(request: web.Request) -> web.Response:
 def _hand_out(request: web.Request, client: str, grant: Grant) -> web.Response:
     """The grant's access token as a ``Token`` answer, counted and written to the audit log."""
     assert grant.access_token is not None
-    assert grant.access_expires_at is not None
     request.app[METRICS].token_handouts.labels(grant.provider, client).inc()
     audit.info("token.handout", client=client, provider=grant.provider, user_id=grant.user_id)
-    expires_at = grant.access_expires_at
+    expires_at = grant.access_expires_at  # None: no stated expiry (a grant never refreshed)
     answer = Token(
         access_token=grant.access_token,
         token_type=grant.token_type,
-        expires_at=_iso(expires_at),
-        expires_in=max(0, int(expires_at - _now(request))),
+        expires_at=None if expires_at is None else _iso(expires_at),
+        expires_in=None if expires_at is None else max(0, int(expires_at - _now(request))),
         scope=grant.scope,
     )
     return _answer(answer)
@@ -127,6 +126,7 @@ async def put_grant(request: web.Request) -> web.Response:
             access_token=body.access_token,
             expires_in=body.expires_in,
             scope=body.scope,
+            expires_at=body.expires_at_timestamp(),
         ),
     )
     return _answer(GrantStatus.model_validate(grant.status()), status=201 if created else 200)

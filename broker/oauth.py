@@ -73,11 +73,17 @@ class OAuthClient:
             form["code_verifier"] = code_verifier
         return await self._token_request(provider, form)
 
-    async def revoke(self, provider: ProviderSettings, refresh_token: str) -> RevocationOutcome:
-        """Best-effort RFC 7009 revocation of a refresh token."""
+    async def revoke(
+        self,
+        provider: ProviderSettings,
+        token: str,
+        hint: Literal["refresh_token", "access_token"] = "refresh_token",
+    ) -> RevocationOutcome:
+        """Best-effort RFC 7009 revocation of a refresh token (or of the access token of a
+        grant that holds no refresh token)."""
         if provider.revocation_url is None:
             return "not_supported"
-        form = {"token": refresh_token, "token_type_hint": "refresh_token"}
+        form = {"token": token, "token_type_hint": hint}
         try:
             status, _, _ = await self._post(provider, provider.revocation_url, form)
         except ProviderUnavailable:
@@ -246,23 +252,26 @@ def _token_set(fields: Mapping[str, Any], default_expires_in: int) -> TokenSet:
     scope = fields.get("scope")
     if scope is not None and (not isinstance(scope, str) or len(scope) > MAX_SCOPE_CHARS):
         scope = None
+    expires_in = _expires_in(fields.get("expires_in"))
     return TokenSet(
         access_token=access,
         token_type="Bearer" if token_type.lower() == "bearer" else token_type,
-        expires_in=_expires_in(fields.get("expires_in"), default_expires_in),
+        expires_in=default_expires_in if expires_in is None else expires_in,
         refresh_token=refresh or None,
         scope=scope,
+        expires_stated=expires_in is not None,
     )
 
 
-def _expires_in(value: Any, default: int) -> int:
-    """Seconds; form-encoded answers give strings, some providers omit it."""
+def _expires_in(value: Any) -> int | None:
+    """Seconds, or None when not stated; form-encoded answers give strings, some providers
+    omit it (Cloud 66, GitHub OAuth apps)."""
     if isinstance(value, bool) or value in (None, ""):
-        return default
+        return None
     try:
         seconds = int(float(value))
-    except (TypeError, ValueError):
-        return default
+    except (TypeError, ValueError, OverflowError):  # garbage, NaN, infinity
+        return None
     return min(max(seconds, 1), MAX_EXPIRES_IN)
 
 
