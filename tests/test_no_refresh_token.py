@@ -275,6 +275,12 @@ async def test_the_scheduler_never_refreshes_them_and_marks_an_expired_one(
     assert provider.token_requests == 2
     scheduler = broker.app[SCHEDULER]
 
+    async def counted() -> dict[str, float]:
+        """What ``broker_grants`` reports, from the indexes."""
+        return await broker.app[STORE].schedule.schedule_stats("dev", broker.clock(), 0)
+
+    assert (await counted())["scheduled"] == 2  # both active, neither ever due
+
     async def ticks(n: int) -> None:
         target = scheduler.ticks + n
 
@@ -294,6 +300,8 @@ async def test_the_scheduler_never_refreshes_them_and_marks_an_expired_one(
         return bool(grant["state"] == "reauth_required")
 
     await eventually(marked, "the expired grant marked by the scheduler", within=10)
+    stats = await counted()
+    assert (stats["scheduled"], stats["reauth_required"], stats["lag"]) == (1, 1, 0)
     broker.clock.advance(400 * DAY)
     await ticks(10)
     assert (await broker.grant("forever"))[1]["state"] == "active"
