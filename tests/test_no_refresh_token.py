@@ -6,6 +6,7 @@ access token."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from urllib.parse import parse_qsl
 
@@ -21,6 +22,7 @@ from tests.conftest import (
     Landing,
     RedisServer,
     connect,
+    encryption_key,
     free_port,
     path,
 )
@@ -307,3 +309,32 @@ async def test_the_scheduler_never_refreshes_them_and_marks_an_expired_one(
     assert (await broker.grant("forever"))[1]["state"] == "active"
     assert provider.token_requests == 2  # the two code exchanges, nothing else
     assert provider.refresh_requests == 0
+
+
+async def test_replicas_seeing_it_expire_together_mark_it_once(
+    make_broker: BrokerFactory,
+    provider: DevProvider,
+    redis_server: RedisServer,
+    key_prefix: str,
+) -> None:
+    key = encryption_key()
+    shared = {"redis_url": redis_server.url, "key_prefix": key_prefix, "encryption_keys": key}
+    first = await make_broker(**shared)
+    second = await make_broker(clock=first.clock, **shared)
+    await first.import_grant("both", access_token="at-both", expires_in=60)
+    store = first.app[STORE]
+    imported = await store.read("dev", "both")
+    assert imported is not None
+    first.clock.advance(61)  # one clock: both replicas see it expired
+    answers = await asyncio.gather(
+        *(replica.token("both", min_ttl=0) for replica in (first, second) for _ in range(10)),
+        *(
+            replica.call("POST", path("tokens", "both") + "/refresh", json={"rejected_token": "x"})
+            for replica in (first, second)
+        ),
+    )
+    assert {answer[0] for answer in answers} == {409}
+    marked = await store.read("dev", "both")
+    assert marked is not None
+    assert (marked.state, marked.version) == ("reauth_required", imported.version + 1)
+    assert provider.token_requests == 0
