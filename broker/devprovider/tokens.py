@@ -84,7 +84,7 @@ class TokenEndpoint(ProviderState):
         ):
             return _error(400, "invalid_grant")
         code.grant = _Grant(code.subject, code.scope)
-        offline = self.settings.offline_scope
+        offline = s.offline_scope
         issue = offline is None or offline in code.scope.split()
         return self._answer(code.grant, new_refresh_token=issue and s.issue_refresh_tokens)
 
