@@ -140,15 +140,14 @@ def _hand_out(
     """The grant's access token as a ``Token`` answer, counted; its expiry goes to the audit
     event's ``fields``."""
     assert grant.access_token is not None
-    assert grant.access_expires_at is not None
     request.app[METRICS].token_handouts.labels(grant.provider, client).inc()
-    expires_at = grant.access_expires_at
+    expires_at = grant.access_expires_at  # None: no stated expiry (a grant never refreshed)
     fields["expires_at"] = iso(expires_at)
     answer = Token(
         access_token=grant.access_token,
         token_type=grant.token_type,
-        expires_at=_iso(expires_at),
-        expires_in=max(0, int(expires_at - _now(request))),
+        expires_at=None if expires_at is None else _iso(expires_at),
+        expires_in=None if expires_at is None else max(0, int(expires_at - _now(request))),
         scope=grant.scope,
     )
     return _answer(answer)
@@ -171,6 +170,7 @@ async def put_grant(request: web.Request) -> web.Response:
                 access_token=body.access_token,
                 expires_in=body.expires_in,
                 scope=body.scope,
+                expires_at=body.expires_at_timestamp(),
             ),
         )
         fields["replaced"] = not created

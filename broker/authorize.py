@@ -12,7 +12,9 @@ carrying one state only the first gets anything; a missing, unknown, expired or 
 as ``denied``; a code is exchanged with the provider's client authentication and the verifier,
 and the tokens are stored the way an import stores them: under the grant's lock, replacing any
 grant of that user (reconnecting after ``reauth_required`` is the main use), fenced on the
-version read, scheduled for refresh.
+version read, scheduled for refresh. An answer without a refresh token (Cloud 66, GitHub OAuth
+apps) stores the access token alone, never refreshed (``broker/access_only.py``), unless the
+provider has ``require_refresh_token``.
 """
 
 from __future__ import annotations
@@ -218,7 +220,7 @@ class AuthorizationService:
             )
         except ProviderError as err:
             return self._end(pending, "error", err.reason)
-        if tokens.refresh_token is None:
+        if tokens.refresh_token is None and settings.require_refresh_token:
             return self._end(pending, "error", "no_refresh_token")
         try:
             grant, replaced = await self._store_grant(pending, tokens, requested_at)
@@ -269,7 +271,6 @@ class AuthorizationService:
     ) -> tuple[Grant, bool]:
         """Store the new grant in place of any other for this user, like an import. The user
         just consented and the code is spent: a passing Redis error is retried briefly."""
-        assert tokens.refresh_token is not None
         provider, user_id = pending.provider, pending.user_id
         async with self._locks.holding(provider, user_id):
             for attempt in range(GRANT_WRITE_ATTEMPTS):
@@ -285,7 +286,9 @@ class AuthorizationService:
                         created_at=now,
                         updated_at=now,
                         version=base_version,
-                        refresh_token_issued_at=requested_at,
+                        refresh_token_issued_at=(
+                            requested_at if tokens.refresh_token is not None else None
+                        ),
                     )
                     grant = self._refresher.with_tokens(
                         base, tokens, refreshed=True, requested_at=requested_at

@@ -6,7 +6,9 @@ be fenced against the version it was derived from.
 
 from __future__ import annotations
 
+import hmac
 import json
+import math
 import random
 import unicodedata
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -19,6 +21,7 @@ GrantState = Literal["active", "refresh_failing", "reauth_required"]
 MAX_USER_ID_BYTES = 256
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_SCOPE_CHARS = 4 * 1024
+MAX_EXPIRES_IN = 366 * 86400  # the longest access-token lifetime an import may state
 
 
 def validate_user_id(user_id: str) -> str:
@@ -58,13 +61,15 @@ def refresh_due_at(
 
 @dataclass(frozen=True, slots=True)
 class TokenSet:
-    """A provider's successful token answer, normalised (``expires_in`` always set)."""
+    """A provider's successful token answer, normalised (``expires_in`` always set: the
+    provider's ``default_expires_in`` when ``expires_stated`` is False)."""
 
     access_token: str = field(repr=False)
     token_type: str
     expires_in: int
     refresh_token: str | None = field(default=None, repr=False)
     scope: str | None = None
+    expires_stated: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +78,7 @@ class Grant:
 
     provider: str
     user_id: str
-    refresh_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)  # None: the provider issued none
     access_token: str | None = field(default=None, repr=False)
     token_type: str = "Bearer"
     access_expires_at: float | None = None
@@ -91,10 +96,20 @@ class Grant:
     updated_at: float = 0.0
     version: int = 0
 
+    @property
+    def refreshable(self) -> bool:
+        """False for a grant holding an access token alone (the provider issued no refresh
+        token): it is served until its stated expiry, never refreshed."""
+        return self.refresh_token is not None
+
     def valid_for(self, now: float) -> float:
-        """Seconds the held access token stays valid (negative or 0 when there is none)."""
-        if self.access_token is None or self.access_expires_at is None:
+        """Seconds the held access token stays valid (negative or 0 when there is none;
+        infinite for a token without a stated expiry, which only a grant that cannot be
+        refreshed holds)."""
+        if self.access_token is None:
             return 0.0
+        if self.access_expires_at is None:
+            return math.inf if not self.refreshable else 0.0
         return self.access_expires_at - now
 
     def lifetime(self) -> float | None:
@@ -107,14 +122,19 @@ class Grant:
     def with_tokens(
         self, tokens: TokenSet, now: float, *, next_refresh_at: float, refreshed: bool
     ) -> Grant:
-        """The grant after the provider issued ``tokens``; a missing refresh token keeps ours."""
+        """The grant after the provider issued ``tokens``; a missing refresh token keeps ours.
+        The provider's default lifetime applies only to a grant that can be refreshed: an
+        access token alone with no stated expiry is held without one."""
         rotated = tokens.refresh_token is not None and tokens.refresh_token != self.refresh_token
+        refresh_token = tokens.refresh_token or self.refresh_token
+        expires = tokens.expires_stated or refresh_token is not None
+        issued = now if rotated else self.refresh_token_issued_at or now
         return replace(
             self,
-            refresh_token=tokens.refresh_token or self.refresh_token,
+            refresh_token=refresh_token,
             access_token=tokens.access_token,
             token_type=tokens.token_type,
-            access_expires_at=now + tokens.expires_in,
+            access_expires_at=now + tokens.expires_in if expires else None,
             access_issued_at=now if refreshed else None,
             scope=tokens.scope if tokens.scope is not None else self.scope,
             state="active",
@@ -123,7 +143,7 @@ class Grant:
             refresh_count=self.refresh_count + (1 if refreshed else 0),
             consecutive_failures=0,
             last_error=None,
-            refresh_token_issued_at=now if rotated else self.refresh_token_issued_at or now,
+            refresh_token_issued_at=issued if refresh_token is not None else None,
             updated_at=now,
             version=self.version + 1,
         )
@@ -153,15 +173,30 @@ class Grant:
             version=self.version + 1,
         )
 
+    def expired_for_good(self, reason: str, now: float) -> Grant:
+        """A grant that cannot be refreshed, once its access token expired or was refused: a
+        user must authorize again. Not a failed refresh: no failure is counted."""
+        return replace(
+            self,
+            state="reauth_required",
+            last_error=reason,
+            next_refresh_at=None,
+            updated_at=now,
+            version=self.version + 1,
+        )
+
     def status(self) -> dict[str, Any]:
-        """The public status document; never a secret."""
+        """The public status document; never a secret. A grant without a refresh token is
+        indexed at its access token's expiry (to be marked then), but never refreshed: its
+        ``next_refresh_at`` is null."""
         return {
             "provider": self.provider,
             "user_id": self.user_id,
             "state": self.state,
             "scope": self.scope,
+            "has_refresh_token": self.refreshable,
             "access_expires_at": iso(self.access_expires_at),
-            "next_refresh_at": iso(self.next_refresh_at),
+            "next_refresh_at": iso(self.next_refresh_at) if self.refreshable else None,
             "last_refreshed_at": iso(self.last_refreshed_at),
             "refresh_count": self.refresh_count,
             "consecutive_failures": self.consecutive_failures,
@@ -192,3 +227,14 @@ class Grant:
             return cls(provider=provider, user_id=user_id, version=version, **data)
         except (ValueError, TypeError) as err:
             raise GrantUnreadable("stored grant record is malformed") from err
+
+
+def holds(grant: Grant, access_token: str) -> bool:
+    """Whether ``grant`` holds this access token, compared in constant time (surrogates a
+    provider escaped in a token are compared as they came)."""
+    if grant.access_token is None:
+        return False
+    return hmac.compare_digest(
+        grant.access_token.encode("utf-8", "surrogatepass"),
+        access_token.encode("utf-8", "surrogatepass"),
+    )

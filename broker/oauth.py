@@ -111,11 +111,17 @@ class OAuthClient:
             form["code_verifier"] = code_verifier
         return await self._token_request(provider, form)
 
-    async def revoke(self, provider: ProviderSettings, refresh_token: str) -> RevocationOutcome:
-        """Best-effort RFC 7009 revocation of a refresh token."""
+    async def revoke(
+        self,
+        provider: ProviderSettings,
+        token: str,
+        hint: Literal["refresh_token", "access_token"] = "refresh_token",
+    ) -> RevocationOutcome:
+        """Best-effort RFC 7009 revocation of a refresh token (or of the access token of a
+        grant that holds no refresh token)."""
         if provider.revocation_url is None:
             return "not_supported"
-        form = {"token": refresh_token, "token_type_hint": "refresh_token"}
+        form = {"token": token, "token_type_hint": hint}
         try:
             status, _, _ = await self._post(provider, provider.revocation_url, form)
         except ProviderUnavailable:
@@ -292,12 +298,14 @@ def _token_set(fields: Mapping[str, Any], default_expires_in: int) -> TokenSet:
     token_type = fields.get("token_type", "Bearer")
     if not isinstance(token_type, str) or not 0 < len(token_type) <= 64:
         raise ProviderUnavailable("malformed_response", "unusable token_type")
+    expires_in = _expires_in(fields.get("expires_in"))
     return TokenSet(
         access_token=access,
         token_type="Bearer" if token_type.lower() == "bearer" else token_type,
-        expires_in=_expires_in(fields.get("expires_in"), default_expires_in),
+        expires_in=default_expires_in if expires_in is None else expires_in,
         refresh_token=refresh or None,
         scope=_scope(fields.get("scope")),
+        expires_stated=expires_in is not None,
     )
 
 
@@ -311,19 +319,20 @@ def _scope(value: Any) -> str | None:
     return value
 
 
-def _expires_in(value: Any, default: int) -> int:
-    """Seconds, at least 1 and at most ``MAX_EXPIRES_IN``. Form-encoded answers give strings
-    and some providers omit it; a value that is not a positive finite number (a bool, an
-    object, zero or negative, NaN) counts as not stated and ``default`` applies. The answer
-    is never refused over it: it may carry a rotated refresh token, which must not be lost."""
+def _expires_in(value: Any) -> int | None:
+    """Seconds, at least 1 and at most ``MAX_EXPIRES_IN``, or None when not stated.
+    Form-encoded answers give strings and some providers omit it (Cloud 66, GitHub OAuth
+    apps); a value that is not a positive finite number (a bool, an object, zero or negative,
+    NaN) counts as not stated. The answer is never refused over it: it may carry a rotated
+    refresh token, which must not be lost."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return default
+        return None
     try:
         seconds = float(value)
     except (ValueError, OverflowError):  # OverflowError: an integer beyond a float's range
-        return default
+        return None
     if not math.isfinite(seconds) or seconds <= 0:
-        return default
+        return None
     return min(max(int(seconds), 1), MAX_EXPIRES_IN)
 
 

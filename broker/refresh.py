@@ -18,7 +18,6 @@ revoke the whole grant when a used one comes back, so a refresh token is present
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ from typing import Literal
 
 import structlog
 
+from broker.access_only import AccessOnlyGrants
 from broker.errors import (
     GrantNotFound,
     ProviderRejected,
@@ -38,7 +38,7 @@ from broker.failures import Failures
 from broker.issued import IssuedWriter
 from broker.locks import GrantLocks, HeldLock, LockBusy, LockLost
 from broker.metrics import Metrics
-from broker.models import Grant, TokenSet, refresh_due_at
+from broker.models import Grant, TokenSet, holds, refresh_due_at
 from broker.oauth import OAuthClient
 from broker.policy import RefreshPolicy, fresh_enough
 from broker.providers import ProviderRegistry
@@ -82,6 +82,7 @@ class Refresher:
         self.clock = clock
         self.issued = IssuedWriter(store, metrics, policy.rotated_write_window)
         self._failures = Failures(store, metrics, policy, clock)
+        self._access_only = AccessOnlyGrants(store, clock)
         self._inflight: dict[tuple[str, str], _Flight] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -100,6 +101,9 @@ class Refresher:
             jitter_max=self.policy.jitter_max,
         )
         new = grant.with_tokens(tokens, now, next_refresh_at=due, refreshed=refreshed)
+        if not new.refreshable:
+            # Never refreshed: indexed at its stated expiry only, to be marked then.
+            return replace(new, next_refresh_at=new.access_expires_at)
         max_age = self.providers.get(grant.provider).refresh_token_max_age
         if max_age is not None and new.refresh_token_issued_at is not None:
             new = replace(new, refresh_token_expires_at=new.refresh_token_issued_at + max_age)
@@ -107,9 +111,14 @@ class Refresher:
 
     async def token(self, provider: str, user_id: str, min_ttl: float) -> Grant:
         """A grant whose access token lasts ``min_ttl`` (see :func:`fresh_enough`), refreshing
-        first if needed; a still-valid token is served when the provider cannot refresh."""
+        first if needed; a still-valid token is served when the provider cannot refresh, and
+        so is the token of a grant that cannot be refreshed at all."""
         self.providers.get(provider)
         grant = await self._read(provider, user_id)
+        if not grant.refreshable:
+            grant = await self._access_only.serve(grant)
+            if not grant.refreshable:
+                return grant
         for _ in range(2):  # a shared refresh started for a smaller min_ttl: then our own
             if fresh_enough(grant, min_ttl, self.clock()):
                 return grant
@@ -126,7 +135,8 @@ class Refresher:
     async def replace_rejected(self, provider: str, user_id: str, rejected: str) -> Grant:
         """A grant whose access token is not ``rejected``: refreshed once if it still holds
         that token (its reporters, on every replica, share that refresh), else as it is (or
-        refreshed only if its token has expired, as :meth:`token` would with ``min_ttl=0``)."""
+        refreshed only if its token has expired, as :meth:`token` would with ``min_ttl=0``).
+        A refused token that cannot be refreshed means a user must authorize again."""
         self.providers.get(provider)
         grant = await self._read(provider, user_id)
         log.info(
@@ -135,6 +145,10 @@ class Refresher:
             user_id=user_id,
             current=holds(grant, rejected),
         )
+        if not grant.refreshable:
+            grant = await self._access_only.rejected(grant, rejected)
+            if not grant.refreshable:
+                return await self.token(provider, user_id, 0.0)
         # A flight of this grant already running here (on demand, scheduled, or for another
         # reported token) may end with the rejected token still held: then ours starts.
         for _ in range(3):
@@ -295,6 +309,10 @@ class Refresher:
     async def _refresh_locked(
         self, grant: Grant, held: HeldLock, trigger: Trigger, result: asyncio.Future[Grant]
     ) -> Grant:
+        refresh_token = grant.refresh_token
+        if refresh_token is None:
+            # Never taken to the token endpoint: due only to be marked at its expiry.
+            return await self._access_only.serve(grant)
         settings = self.providers.get(grant.provider)
         breaker = self.providers.breaker(grant.provider)
         # The lock must stay ours through the call and the write of its result: another
@@ -307,7 +325,7 @@ class Refresher:
         started, requested_at = time.perf_counter(), self.clock()
         held.stage = "provider_call"
         try:
-            tokens = await self._oauth.refresh(settings, grant.refresh_token)
+            tokens = await self._oauth.refresh(settings, refresh_token)
         except ProviderRejected as err:
             breaker.record_success()
             self._count(grant, "rejected", trigger, started)
@@ -376,14 +394,3 @@ class Refresher:
         if grant.state == "reauth_required":
             raise ReauthRequired(f"the user must authorize {provider!r} again ({grant.last_error})")
         return grant
-
-
-def holds(grant: Grant, access_token: str) -> bool:
-    """Whether ``grant`` holds this access token, compared in constant time (surrogates a
-    provider escaped in a token are compared as they came)."""
-    if grant.access_token is None:
-        return False
-    return hmac.compare_digest(
-        grant.access_token.encode("utf-8", "surrogatepass"),
-        access_token.encode("utf-8", "surrogatepass"),
-    )

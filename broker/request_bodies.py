@@ -8,6 +8,7 @@ document's text.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import (
@@ -17,10 +18,12 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from broker.errors import InvalidRequest
-from broker.models import MAX_SCOPE_CHARS, MAX_TOKEN_CHARS, MAX_USER_ID_BYTES
+from broker.models import MAX_EXPIRES_IN, MAX_SCOPE_CHARS, MAX_TOKEN_CHARS, MAX_USER_ID_BYTES
 
 __all__ = [
     "MAX_EXPIRES_IN",
@@ -30,8 +33,6 @@ __all__ = [
     "RequestBody",
     "TokenText",
 ]
-
-MAX_EXPIRES_IN = 366 * 86400
 
 
 def _example(value: Any) -> Any:
@@ -71,8 +72,10 @@ TokenText = Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_CHARS)]
 
 
 class GrantImport(RequestBody):
-    """A refresh token to import (migration, tests). Only `refresh_token` is required;
-    `expires_in` describes `access_token`, so send both or neither."""
+    """A refresh token to import (migration, tests), or an access token alone for a provider
+    that issues no refresh token (Cloud 66, GitHub OAuth apps). `refresh_token` is required
+    unless `access_token` comes alone; `expires_in` or `expires_at` describes `access_token`,
+    so send it only with one."""
 
     model_config = ConfigDict(
         json_schema_extra=_example(
@@ -88,34 +91,77 @@ class GrantImport(RequestBody):
         "refresh_token": "refresh_token is required: a non-empty string",
         "access_token": "access_token must be a non-empty string",
         "expires_in": f"expires_in must be an integer from 1 to {MAX_EXPIRES_IN}",
+        "expires_at": "expires_at must be an RFC 3339 date-time with a time zone "
+        "(2026-11-25T02:00:00Z)",
         "scope": "scope must be a string",
     }
 
-    refresh_token: TokenText = Field(
-        repr=False, description="The refresh token; stored encrypted, never returned."
+    refresh_token: TokenText | None = Field(
+        default=None,
+        repr=False,
+        description="The refresh token; stored encrypted, never returned. Required unless "
+        "`access_token` comes alone: a grant of a provider that issues no refresh token, "
+        "served until its expiry and never refreshed.",
     )
     access_token: TokenText | None = Field(
         default=None,
         repr=False,
         description="A current access token for this refresh token. Without it the broker "
-        "refreshes at once to validate the refresh token.",
+        "refreshes at once to validate the refresh token. Alone, it is the whole grant.",
     )
     expires_in: Annotated[int, Field(ge=1, le=MAX_EXPIRES_IN)] | None = Field(
         default=None,
-        description="Seconds until `access_token` expires; 3600 when absent unless the provider "
-        "sets `default_expires_in`.",
+        description="Seconds until `access_token` expires. When neither this nor `expires_at` "
+        "is given: with a `refresh_token`, 3600 unless the provider sets "
+        "`default_expires_in`; alone, the access token does not expire.",
+    )
+    expires_at: str | None = Field(
+        default=None,
+        description="When `access_token` expires (RFC 3339 with a time zone), instead of "
+        "`expires_in`; in the future, at most as far as `expires_in` may be.",
+        json_schema_extra={"format": "date-time"},
     )
     scope: Annotated[str, Field(max_length=MAX_SCOPE_CHARS)] | None = Field(
         default=None, description="The space-separated scopes the tokens carry."
     )
 
-    @field_validator("expires_in")
+    @field_validator("expires_in", "expires_at")
     @classmethod
-    def _goes_with_access_token(cls, value: int | None, info: ValidationInfo) -> int | None:
+    def _goes_with_access_token(cls, value: object, info: ValidationInfo) -> object:
         # A field validator, not a model one: checked before ``scope``, as it always was.
         if value is not None and info.data.get("access_token") is None:
-            raise ValueError("expires_in describes an access_token; send both or neither")
+            raise ValueError(f"{info.field_name} describes an access_token; send both or neither")
+        if info.field_name == "expires_at" and value is not None:
+            if info.data.get("expires_in") is not None:
+                raise ValueError("send expires_in or expires_at, not both")
+            try:
+                _timestamp(str(value))
+            except (ValueError, OverflowError):
+                raise PydanticCustomError("date_time", "not an RFC 3339 date-time") from None
         return value
+
+    @model_validator(mode="after")
+    def _a_token(self) -> Self:
+        if self.refresh_token is None and self.access_token is None:
+            raise ValueError(
+                "refresh_token is required: a non-empty string (or, for a provider that "
+                "issues no refresh token, access_token alone)"
+            )
+        return self
+
+    def expires_at_timestamp(self) -> float | None:
+        """``expires_at`` as Unix time."""
+        return None if self.expires_at is None else _timestamp(self.expires_at)
+
+
+def _timestamp(text: str) -> float:
+    """An RFC 3339 date-time with a time zone as Unix time; ValueError otherwise."""
+    if len(text) > 64 or "T" not in text.upper():
+        raise ValueError("not an RFC 3339 date-time")
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise ValueError("an RFC 3339 date-time needs a time zone")
+    return parsed.timestamp()
 
 
 class AuthorizationRequest(RequestBody):

@@ -57,6 +57,11 @@ OPERATIONS: tuple[Operation, ...] = (
         "token rather than an error; check `expires_in`. `503 upstream_unavailable` is returned "
         "only when the token is expired and cannot be refreshed now. `409 reauth_required` "
         "means the provider rejected the refresh token and a user must authorize again.\n\n"
+        "A grant without a refresh token (the provider issued none: Cloud 66, GitHub OAuth apps) "
+        "is never refreshed: its token is handed out while valid, whatever `min_ttl` asked "
+        "(`expires_at` and `expires_in` are null when the provider stated no expiry), and once "
+        "its stated expiry has passed the answer is `409 reauth_required` and the grant's state "
+        "becomes `reauth_required`.\n\n"
         "Every token handed out is written to the audit log (client, provider, user id, request "
         "id; never the token). The response carries `Cache-Control: no-store`.",
         permission="tokens:read",
@@ -98,7 +103,10 @@ OPERATIONS: tuple[Operation, ...] = (
         "the new one without a refresh. The broker never hands back a token reported as "
         "rejected: when it cannot replace it now (the provider is failing, or another replica "
         "holds the grant's lock too long) the answer is `503 upstream_unavailable` with "
-        "`Retry-After`. `409 reauth_required` means the provider rejected the refresh token.\n\n"
+        "`Retry-After`. `409 reauth_required` means the provider rejected the refresh token. "
+        "For a grant without a refresh token, a rejected token that is the current one cannot "
+        "be replaced: the grant becomes `reauth_required` and the answer is `409 "
+        "reauth_required` (a user must authorize again).\n\n"
         "Each report is logged (provider, user id; never the token), and each token handed out "
         "is written to the audit log as for `GET`. The response carries "
         "`Cache-Control: no-store`.",
@@ -179,8 +187,10 @@ OPERATIONS: tuple[Operation, ...] = (
         "for this provider and user id, replacing any existing one. Without an `access_token` "
         "the broker refreshes at once to validate the refresh token: if the provider rejects it "
         "the answer is `422 invalid_refresh_token` and nothing is stored; if the provider is "
-        "unreachable, `503 upstream_unavailable`. The tokens are stored encrypted and never "
-        "returned; the answer is the grant status.",
+        "unreachable, `503 upstream_unavailable`. An `access_token` alone (a provider that "
+        "issues no refresh token) makes a grant that is never refreshed: it is served until its "
+        "`expires_in` / `expires_at`, or without expiry when neither is given. The tokens are "
+        "stored encrypted and never returned; the answer is the grant status.",
         permission="grants:write",
         body=schemas.GrantImport,
         replies={
@@ -262,7 +272,8 @@ OPERATIONS: tuple[Operation, ...] = (
         path=GRANT,
         tag="grants",
         summary="Revoke and delete a user's grant",
-        description="Revokes the refresh token at the provider (RFC 7009) when the provider has "
+        description="Revokes the refresh token (for a grant without one, the access token, "
+        "`token_type_hint=access_token`) at the provider (RFC 7009) when the provider has "
         "a `revocation_url` (best effort: a failed revocation does not stop the deletion), then "
         "deletes the grant. The `Broker-Revocation` header tells what happened at the provider. "
         "A grant whose stored record is unreadable is deleted without revocation (`skipped`) so "
@@ -324,7 +335,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "refused), `status=denied`; with another `error`, or when the exchange fails, "
         "`status=error&code=...` (the provider's error code, or one of `invalid_grant`, "
         "`invalid_client`, `http_<status>`, `timeout`, `malformed_response`, "
-        "`no_refresh_token`, `store_unavailable`, ...). No token, code or state is ever put in "
+        "`no_refresh_token` (only for a provider with `require_refresh_token`: otherwise an "
+        "answer without a refresh token stores the access token alone), `store_unavailable`, "
+        "...). No token, code or state is ever put in "
         "the redirect; `status`, `code` and `provider` parameters already in `redirect_after` "
         "are replaced. A missing, unknown, expired, reused or other provider's state gets a "
         "small 400 HTML page saying so and what to do, and exchanges nothing; an unknown "

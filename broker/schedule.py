@@ -9,6 +9,7 @@ update is found by the reconciler (``broker/reconcile.py``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -41,6 +42,10 @@ class ScheduleIndex:
         pipe = self.redis.pipeline(transaction=False)
         if grant.state != "reauth_required" and grant.next_refresh_at is not None:
             pipe.zadd(self.keys.schedule_of(p, m), {m: grant.next_refresh_at})
+        elif grant.state == "active" and not grant.refreshable:
+            # An access token alone without expiry: never due, but held here so the schedule's
+            # size still counts every active grant (``broker_grants``).
+            pipe.zadd(self.keys.schedule_of(p, m), {m: math.inf})
         else:
             pipe.zrem(self.keys.schedule_of(p, m), m)
         for state in ("refresh_failing", "reauth_required"):

@@ -98,8 +98,14 @@ class Token(_Answer):
         description="The token type the provider issued, usually `Bearer`.",
         json_schema_extra=_example("Bearer"),
     )
-    expires_at: str = _timestamp("When the access token expires (RFC 3339, UTC, to the second).")
-    expires_in: int = Field(ge=0, description="Seconds from now until `expires_at`.")
+    expires_at: str | None = _timestamp(
+        "When the access token expires (RFC 3339, UTC, to the second); null when the provider "
+        "stated no expiry for a token it issued without a refresh token (Cloud 66, GitHub OAuth "
+        "apps): such a token is handed out as it is until it is refused or the grant deleted."
+    )
+    expires_in: int | None = Field(
+        ge=0, description="Seconds from now until `expires_at`; null when `expires_at` is."
+    )
     scope: str | None = Field(
         description="The space-separated scopes granted, or null when the provider did not say."
     )
@@ -110,6 +116,7 @@ GRANT_STATUS_EXAMPLE = {
     "user_id": "u-1",
     "state": "active",
     "scope": "public_api",
+    "has_refresh_token": True,
     "access_expires_at": "2026-11-25T02:00:00Z",
     "next_refresh_at": "2026-11-25T01:54:21Z",
     "last_refreshed_at": "2026-11-25T01:00:00Z",
@@ -134,8 +141,15 @@ class GrantStatus(_Answer):
     user_id: str = Field(description="The user id, decoded.")
     state: GrantState = Field(
         description="`active`: refreshing normally. `refresh_failing`: transient refresh "
-        "failures, still retrying. `reauth_required`: the provider rejected the refresh token; "
-        "kept for inspection, no longer refreshed, a user must authorize again."
+        "failures, still retrying. `reauth_required`: the provider rejected the refresh token "
+        "(or, for a grant without one, its access token expired or was refused); kept for "
+        "inspection, no longer refreshed, a user must authorize again."
+    )
+    has_refresh_token: bool = Field(
+        default=True,
+        description="False for a grant of a provider that issued no refresh token (Cloud 66, "
+        "GitHub OAuth apps): it holds an access token alone, served until its expiry (if it "
+        "has one) and never refreshed; `next_refresh_at` is null.",
     )
     scope: str | None = Field(
         description="The space-separated scopes granted (after an authorization, what the "

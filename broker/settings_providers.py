@@ -121,7 +121,15 @@ class ProviderSettings(DataclassFields, BaseModel):
         default=3600,
         ge=1,
         le=366 * 86400,
-        description="access-token lifetime (seconds) assumed when the provider omits `expires_in`",
+        description="access-token lifetime (seconds) assumed when the provider omits `expires_in`; "
+        "not for an access token that comes without a refresh token (it is held without expiry)",
+    )
+    require_refresh_token: Flag = Field(
+        default=False,
+        description="refuse a token answer without a refresh token (callback "
+        "`status=error&code=no_refresh_token`, imports of an access token alone `400`) instead "
+        "of holding the access token alone: for providers that issue one only for a scope "
+        "such as `offline_access`, where a missing one is a configuration mistake",
     )
     pkce: Flag = Field(
         default=True,

@@ -11,7 +11,7 @@ from aiohttp import web
 from broker.config import ProviderSettings, Secret
 from broker.devprovider import DevProvider, FailureKind
 from broker.errors import ProviderRejected, ProviderUnavailable
-from broker.oauth import OAuthClient
+from broker.oauth import OAuthClient, _token_set
 
 
 @pytest.fixture
@@ -61,6 +61,16 @@ async def test_missing_expires_in_uses_the_providers_default(
         settings_for(provider, default_expires_in=900), provider.issue_refresh_token()
     )
     assert tokens.expires_in == 900
+    assert tokens.expires_stated is False  # a token without a refresh token keeps no default
+
+
+@pytest.mark.parametrize(
+    ("value", "stated"),
+    [("3600", 3600), (120.7, 120), ("", None), ("soon", None), ("inf", None), (True, None)],
+)
+def test_an_unusable_expires_in_is_not_stated(value: object, stated: int | None) -> None:
+    tokens = _token_set({"access_token": "a", "expires_in": value}, 900)
+    assert (tokens.expires_in, tokens.expires_stated) == (stated or 900, stated is not None)
 
 
 async def test_no_rotation_means_no_new_refresh_token(

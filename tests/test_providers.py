@@ -167,26 +167,30 @@ async def test_skyvault_codes_expire_and_refresh_tokens_live_7_days(
     assert journey.query == {"status": "error", "code": "invalid_grant", "provider": "skyvault"}
 
 
-async def test_cloud66_form_encoded_answers_without_expires_in(
+async def test_cloud66_answers_an_access_token_alone_form_encoded(
     make_broker: BrokerFactory,
     provider: DevProvider,
     browser: aiohttp.ClientSession,
     landing: Landing,
 ) -> None:
-    provider.settings.form_encoded = True  # token_type=bearer, form-encoded
+    # Cloud 66's documented answer: access_token=...&token_type=bearer, nothing else.
+    provider.settings.form_encoded = True
     provider.settings.include_expires_in = False
+    provider.settings.include_scope = False
+    provider.settings.issue_refresh_tokens = False
     broker = await broker_for(make_broker, provider, landing, "cloud66")
     journey = await connect(broker, browser, "cy", landing.url + "/", provider="cloud66")
     assert journey.query["status"] == "connected"
     assert provider.auth_methods_seen[-1] == "client_secret_post"
     answer = await token(broker, "cy", "cloud66")
     assert answer["token_type"] == "Bearer"  # what goes into the Authorization header
-    assert 7190 <= answer["expires_in"] <= 7200  # the profile's default_expires_in
-    assert answer["scope"] == "public redeploy"
-    broker.clock.advance(7200)
-    refreshed = await token(broker, "cy", "cloud66")
-    assert refreshed["access_token"] != answer["access_token"]
-    assert provider.reused_refresh_tokens == 0
+    assert (answer["expires_at"], answer["expires_in"]) == (None, None)
+    assert answer["scope"] == "public redeploy"  # no scope in the answer: the requested one
+    status = await grant(broker, "cy", "cloud66")
+    assert (status["has_refresh_token"], status["next_refresh_at"]) == (False, None)
+    broker.clock.advance(90 * DAY)
+    assert (await token(broker, "cy", "cloud66"))["access_token"] == answer["access_token"]
+    assert (provider.token_requests, provider.code_exchanges) == (1, 1)
 
 
 async def test_adobe_ims_always_asks_for_offline_access_and_revokes(

@@ -30,6 +30,7 @@ async def test_records_in_redis_hold_no_plaintext_token(
     grant = await store.read("dev", "u")
     assert grant is not None
     assert grant.access_token is not None
+    assert grant.refresh_token is not None
     assert grant.refresh_token.encode() not in everything
     assert grant.access_token.encode() not in everything
     assert refresh_token.encode() not in everything

@@ -10,6 +10,9 @@ way real providers do. It imports nothing from the broker, so the tests measure 
 against an independent peer. It never logs a token.
 
     python -m broker.devprovider --port 9000 --access-token-ttl 30
+    python -m broker.devprovider --form-encoded --no-refresh-tokens --no-expires-in --no-scope
+
+(the second answers as Cloud 66 documents: ``access_token=...&token_type=bearer``, nothing else).
 """
 
 # The modules, imports pointing one way: settings (switches, records) and wire (OAuth2 wire

@@ -52,6 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--form-encoded", action="store_true", help="form-encoded token answers")
     parser.add_argument(
+        "--no-refresh-tokens",
+        action="store_true",
+        help="codes buy an access token alone (Cloud 66, GitHub OAuth apps)",
+    )
+    parser.add_argument("--no-expires-in", action="store_true", help="answers omit expires_in")
+    parser.add_argument("--no-scope", action="store_true", help="answers omit scope")
+    parser.add_argument(
         "--client-auth", default="client_secret_basic", choices=get_args(ClientAuth)
     )
     parser.add_argument("--client-id", default=DevProviderSettings.client_id)
@@ -66,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
         rotate_refresh_tokens=not args.no_rotation,
         revoke_on_reuse=False if args.forgive_reuse else None,
         form_encoded=args.form_encoded,
+        issue_refresh_tokens=not args.no_refresh_tokens,
+        include_expires_in=not args.no_expires_in,
+        include_scope=not args.no_scope,
     )
     if args.client_secret_env:
         secret = os.environ.get(args.client_secret_env)

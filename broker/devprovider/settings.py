@@ -31,6 +31,10 @@ class DevProviderSettings:
     revoke_on_reuse: bool | None = None
     form_encoded: bool = False  # answer application/x-www-form-urlencoded, token_type "bearer"
     include_expires_in: bool = True
+    include_scope: bool = True  # False: answers leave `scope` out (RFC 6749 5.1 allows it)
+    # False: a code buys an access token alone, never a refresh token (Cloud 66, GitHub OAuth
+    # apps; with form_encoded, include_expires_in and include_scope off: Cloud 66's answer)
+    issue_refresh_tokens: bool = True
     scope: str = "public_api"  # scope granted when none is asked for
     require_pkce: bool = True  # /authorize rejects requests without a code_challenge
     code_ttl: int = 600  # seconds; codes are also single use

@@ -67,6 +67,7 @@ class TokenEndpoint(ProviderState):
         return self._answer(grant, new_refresh_token=self.settings.rotate_refresh_tokens)
 
     def _exchange(self, form: dict[str, str]) -> web.Response:
+        s = self.settings
         value, redirect_uri = form.get("code"), form.get("redirect_uri")
         if form.get("code_verifier"):
             self._verifiers.add(form["code_verifier"])
@@ -87,10 +88,9 @@ class TokenEndpoint(ProviderState):
         ):
             return _error(400, "invalid_grant")
         code.grant = _Grant(code.subject, code.scope)
-        offline = self.settings.offline_scope
-        return self._answer(
-            code.grant, new_refresh_token=offline is None or offline in code.scope.split()
-        )
+        offline = s.offline_scope
+        issue = offline is None or offline in code.scope.split()
+        return self._answer(code.grant, new_refresh_token=issue and s.issue_refresh_tokens)
 
     def _client_token(self, form: dict[str, str]) -> web.Response:
         """The client's own token (RFC 6749 4.4): the scope asked for, echoed (``invalid_scope``
@@ -117,7 +117,8 @@ class TokenEndpoint(ProviderState):
             body["expires_in"] = ttl
         if new_refresh_token:
             body["refresh_token"] = self._new_refresh_token(grant)
-        body["scope"] = grant.scope
+        if s.include_scope:
+            body["scope"] = grant.scope
         headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
         if not s.form_encoded:
             return web.json_response(body, headers=headers)

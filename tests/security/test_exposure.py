@@ -54,6 +54,7 @@ async def test_reprs_of_what_holds_secrets_show_none(broker: Broker, provider: D
     grant = await broker.app[STORE].read("dev", "u")
     assert grant is not None
     assert grant.access_token is not None
+    assert grant.refresh_token is not None
     settings = broker.app[SETTINGS]
     shown = " ".join(
         [
