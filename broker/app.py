@@ -37,6 +37,8 @@ from broker.refresh import Refresher
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
 from broker.store import GrantStore, Guard, Keys, connect
+from broker.webhooks.delivery import WebhookService
+from broker.webhooks.stream import EventStream
 
 log = structlog.get_logger("broker")
 
@@ -80,6 +82,7 @@ def create_app(settings: Settings, *, clock: Clock = time.time) -> web.Applicati
     app[DRAIN] = DrainBudget()
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(_webhooks)
     app.cleanup_ctx.append(_scheduler)  # registered last: stops first
     app.on_shutdown.append(_stop_accepting)
     api.add_routes(app)
@@ -184,6 +187,21 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # token in hand gets its write.
     await refresher.drain(max(_drain_left(app), settings.redis_timeout))
     await session.close()
+
+
+async def _webhooks(app: web.Application) -> AsyncIterator[None]:
+    """Deliveries to the ``[[webhooks]]`` receivers (docs/webhooks.md), from every replica.
+    Events are recorded whether or not any is configured (in-cluster consumers read them)."""
+    settings = app[api.SETTINGS]
+    if not settings.webhooks:
+        yield
+        return
+    store = app[api.STORE]
+    stream = EventStream(store.redis, store.keys, store.guard)
+    service = WebhookService(settings.webhooks, stream, app[api.METRICS], clock=app[CLOCK])
+    service.start()
+    yield
+    await service.stop(_drain_left(app))
 
 
 async def _scheduler(app: web.Application) -> AsyncIterator[None]:

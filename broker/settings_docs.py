@@ -2,8 +2,8 @@
 
 - the JSON Schema of broker.toml (``broker config-schema``);
 - the settings tables of docs/configuration.md, each between ``<!-- settings:begin NAME -->``
-  and ``<!-- settings:end -->`` (NAME: ``top``, ``providers`` or ``clients``); the prose around
-  them is written by hand and kept;
+  and ``<!-- settings:end -->`` (NAME: ``top``, ``providers``, ``clients`` or ``webhooks``);
+  the prose around them is written by hand and kept;
 - the ``config`` object of helm/broker/values.schema.json: broker's top-level settings that the
   chart passes through to broker.toml (all but the ones the chart sets itself, which it refuses);
 - its ``providers`` object: for each provider, broker's provider settings (all but an inline
@@ -33,6 +33,7 @@ from pydantic_core import CoreSchema
 from broker.settings_model import Settings
 from broker.settings_providers import ClientSettings, ProviderSettings
 from broker.settings_types import ShownDefault, is_table, settings_of
+from broker.settings_webhooks import WebhookSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "configuration.md"
@@ -42,6 +43,7 @@ TABLES: dict[str, type[BaseModel]] = {
     "top": Settings,
     "providers": ProviderSettings,
     "clients": ClientSettings,
+    "webhooks": WebhookSettings,
 }
 # Set by the chart itself (listen address and port, Redis, the mounted key file), so refused in
 # its `config` value; providers and clients have values of their own.

@@ -1,0 +1,294 @@
+"""Grant events: recorded in the events stream with the change that caused them, delivered to a
+real HTTP receiver on loopback (failing, timing out, recovering), signed as the Standard
+Webhooks reference implementation verifies, and never holding a token."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+
+from broker.api import STORE
+from broker.devprovider import DevProvider
+from broker.errors import ConfigError
+from broker.settings_webhooks import EVENT_TYPES
+from tests.conftest import SECRETS, Broker, BrokerFactory, RedisServer, broker_settings, path
+from tests.test_scheduler import eventually
+
+TIMEOUT = 1.0  # the receivers' delivery timeout in these tests: retries after 2, 4, 8 s
+
+
+def new_secret() -> str:
+    material = base64.b64encode(os.urandom(24)).decode()
+    SECRETS.add(material)
+    return f"whsec_{material}"
+
+
+@dataclass
+class Attempt:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def event(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.body)
+        return parsed
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on loopback: each attempt gets the next planned answer ("ok",
+    "fail": 500, "hang": no answer within the broker's timeout), then "ok" for ever."""
+
+    url: str = ""
+    plan: list[str] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.attempts.append(Attempt(dict(request.headers), await request.read()))
+        self.arrived.set()
+        answer = self.plan.pop(0) if self.plan else "ok"
+        if answer == "hang":
+            await asyncio.sleep(60)
+        return web.Response(status=500 if answer == "fail" else 204)
+
+    def delivered(self, event_type: str) -> list[Attempt]:
+        return [a for a in self.attempts if a.event["type"] == event_type]
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[Callable[..., Any]]:
+    runners: list[web.AppRunner] = []
+
+    async def make(*plan: str) -> Receiver:
+        receiver = Receiver(plan=list(plan))
+        app = web.Application()
+        app.router.add_post("/hook", receiver.handle)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        receiver.url = f"http://127.0.0.1:{port}/hook"
+        runners.append(runner)
+        return receiver
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+def hook(receiver: Receiver, secret: str, **extra: Any) -> dict[str, Any]:
+    return {"url": receiver.url, "secret": secret, "timeout": TIMEOUT, **extra}
+
+
+async def stream_events(broker: Broker) -> list[dict[str, Any]]:
+    store = broker.app[STORE]
+    entries: Any = await store.redis.xrange(store.keys.events_key())
+    return [json.loads(fields[b"body"]) for _, fields in entries]
+
+
+def verify(secret: str, attempt: Attempt) -> dict[str, Any]:
+    """The reference implementation's check (signature and timestamp)."""
+    verified: dict[str, Any] = Webhook(secret).verify(attempt.body, attempt.headers)
+    return verified
+
+
+def assert_no_token(body: bytes, *tokens: str) -> None:
+    text = body.decode()
+    for token in tokens:
+        assert token not in text
+    assert 'token"' not in text  # no access_token / refresh_token field at all
+
+
+async def test_a_state_change_is_in_the_stream_when_its_call_returns(
+    broker: Broker, provider: DevProvider
+) -> None:
+    rt = provider.issue_refresh_token("ann")
+    status, _ = await broker.import_grant("ann", refresh_token=rt, access_token="at-ann")
+    assert status == 201
+    [connected] = await stream_events(broker)
+    assert connected["type"] == "grant.connected"
+    assert connected["data"] == {
+        "provider": "dev",
+        "user_id": "ann",
+        "state": "active",
+        "last_error": None,
+    }
+    assert (await broker.token("ann"))[0] == 200
+    status, _, _ = await broker.call("DELETE", path("grants", "ann"))
+    assert status == 204
+    events = await stream_events(broker)
+    assert [e["type"] for e in events] == ["grant.connected", "grant.deleted"]
+    assert events[1]["data"]["user_id"] == "ann"
+    for event in events:
+        assert_no_token(json.dumps(event).encode(), rt, "at-ann")
+
+
+async def test_refreshes_that_change_nothing_record_nothing(
+    broker: Broker, provider: DevProvider
+) -> None:
+    await broker.import_grant("bo", refresh_token=provider.issue_refresh_token("bo"))
+    for _ in range(3):
+        broker.clock.advance(3600)
+        assert (await broker.token("bo"))[0] == 200
+    assert [e["type"] for e in await stream_events(broker)] == ["grant.connected"]
+
+
+async def test_failing_then_recovered_and_reauth_required_are_recorded(
+    broker: Broker, provider: DevProvider
+) -> None:
+    await broker.import_grant("cy", refresh_token=provider.issue_refresh_token("cy"))
+    broker.clock.advance(3600)  # the access token expired
+    provider.fail_always("server_error")
+    assert (await broker.token("cy"))[0] == 503
+    provider.heal()
+    broker.clock.advance(120)
+    assert (await broker.token("cy"))[0] == 200
+    await broker.import_grant("dee", refresh_token="rt-unknown", access_token="at", expires_in=5)
+    assert (await broker.token("dee"))[0] == 409
+    recorded = await stream_events(broker)
+    events = [(e["type"], e["data"]["user_id"], e["data"]["state"]) for e in recorded]
+    assert events == [
+        ("grant.connected", "cy", "active"),
+        ("grant.refresh_failing", "cy", "refresh_failing"),
+        ("grant.recovered", "cy", "active"),
+        ("grant.connected", "dee", "active"),
+        ("grant.reauth_required", "dee", "reauth_required"),
+    ]
+    assert recorded[1]["data"]["last_error"] == "http_500"
+
+
+async def test_delivery_is_signed_retried_with_one_id_and_arrives(
+    make_broker: BrokerFactory,
+    redis_server: RedisServer,
+    key_prefix: str,
+    provider: DevProvider,
+    receivers: Callable[..., Any],
+) -> None:
+    """A receiver that fails (500), then times out, then answers: the event arrives, every
+    attempt with the same webhook-id and a valid signature; a second receiver that is down
+    for the whole test does not delay the first."""
+    flaky: Receiver = await receivers("fail", "hang")
+    down: Receiver = await receivers(*["fail"] * 50)
+    flaky_secret, down_secret = new_secret(), new_secret()
+    broker = await make_broker(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        webhooks=[
+            hook(flaky, flaky_secret, name="flaky"),
+            hook(down, down_secret, name="down"),
+        ],
+    )
+    await asyncio.sleep(0.2)  # the consumer groups exist (created at start, from the end)
+    rt = provider.issue_refresh_token("eve")
+    await broker.import_grant("eve", refresh_token=rt)
+    await eventually(
+        lambda: _true(len(flaky.attempts) >= 3), "three attempts at the flaky receiver", 15
+    )
+    assert len(down.attempts) >= 2  # retried meanwhile, never delivered
+    ids = {a.headers["webhook-id"] for a in flaky.attempts}
+    assert len(ids) == 1
+    for attempt in flaky.attempts:
+        verified = verify(flaky_secret, attempt)
+        assert verified["type"] == "grant.connected"
+        assert verified["data"]["user_id"] == "eve"
+        assert_no_token(attempt.body, rt)
+    verify(down_secret, down.attempts[0])
+    with pytest.raises(Exception, match="signature"):
+        verify(down_secret, flaky.attempts[0])  # each receiver has its own secret
+
+    metrics = (await (await broker.client.get("/metrics")).text()).splitlines()
+    assert 'broker_webhook_deliveries_total{outcome="success",webhook="flaky"} 1.0' in metrics
+    assert 'broker_webhook_deliveries_total{outcome="refused",webhook="flaky"} 1.0' in metrics
+    assert 'broker_webhook_deliveries_total{outcome="error",webhook="flaky"} 1.0' in metrics
+
+
+async def test_filters_and_a_revoked_refresh_token_is_reported(
+    make_broker: BrokerFactory,
+    redis_server: RedisServer,
+    key_prefix: str,
+    provider: DevProvider,
+    receivers: Callable[..., Any],
+) -> None:
+    """The user revoked the broker's access at the provider: the next refresh is refused and
+    ``grant.reauth_required`` is delivered, and only the events the receiver asked for."""
+    receiver: Receiver = await receivers()
+    secret = new_secret()
+    broker = await make_broker(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        webhooks=[hook(receiver, secret, events=["grant.reauth_required"])],
+    )
+    await asyncio.sleep(0.2)
+    rt = provider.issue_refresh_token("fay")
+    await broker.import_grant("fay", refresh_token=rt, access_token="at-fay", expires_in=5)
+    async with aiohttp.ClientSession() as http:
+        pair = f"{provider.settings.client_id}:{provider.settings.client_secret}".encode()
+        auth = {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+        async with http.post(provider.revocation_url, data={"token": rt}, headers=auth) as answer:
+            assert answer.status == 200
+    assert (await broker.token("fay"))[0] == 409
+    await eventually(lambda: _true(bool(receiver.attempts)), "the reauth event", 10)
+    [attempt] = receiver.attempts
+    event = verify(secret, attempt)
+    assert event["type"] == "grant.reauth_required"
+    assert event["data"]["state"] == "reauth_required"
+    assert event["data"]["last_error"] == "invalid_grant"
+    assert_no_token(attempt.body, rt, "at-fay")
+
+
+async def test_memory_store_delivers_too(
+    make_broker: BrokerFactory, provider: DevProvider, receivers: Callable[..., Any]
+) -> None:
+    receiver: Receiver = await receivers()
+    secret = new_secret()
+    broker = await make_broker(webhooks=[hook(receiver, secret)])
+    await asyncio.sleep(0.2)
+    await broker.import_grant("gil", refresh_token=provider.issue_refresh_token("gil"))
+    await eventually(lambda: _true(bool(receiver.attempts)), "the connected event", 10)
+    assert verify(secret, receiver.attempts[0])["type"] == "grant.connected"
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize(
+    ("table", "setting"),
+    [
+        ({"secret": "not-whsec"}, "webhooks[0].secret"),
+        ({"secret": "whsec_c2hvcnQ=", "name": "app"}, "webhooks.app.secret"),
+        ({"secret_env": "NO_SUCH_VARIABLE_SET"}, "webhooks.example-com.secret_env"),
+        ({}, "webhooks[0].secret_env"),
+        ({"secret": "whsec_" + "A" * 32, "events": ["grant.nope"]}, "webhooks[0].events"),
+        ({"secret": "whsec_" + "A" * 32, "providers": ["nope"]}, "webhooks.example-com.providers"),
+    ],
+)
+def test_bad_webhook_settings_name_the_setting(
+    provider: DevProvider, table: dict[str, Any], setting: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        broker_settings(
+            provider,
+            api_key_hash="0" * 64,
+            webhooks=[{"url": "https://example.com/hook", **table}],
+        )
+    assert caught.value.setting == setting
+
+
+def test_every_event_type_is_documented() -> None:
+    with open("docs/webhooks.md", encoding="utf-8") as doc:
+        text = doc.read()
+    for event_type in EVENT_TYPES:
+        assert f"`{event_type}`" in text
