@@ -72,8 +72,10 @@ def replica_config(
     api_key: str,
     port: int,
     settings: Mapping[str, TomlScalar],
+    tables: str = "",
 ) -> str:
-    """A TOML configuration for one replica; ``settings`` are extra top-level settings."""
+    """A TOML configuration for one replica; ``settings`` are extra top-level settings,
+    ``tables`` more TOML tables (``[[webhooks]]``)."""
     top: dict[str, TomlScalar] = {
         "redis_url": redis_url,
         "key_prefix": "fleet",
@@ -95,6 +97,7 @@ key_sha256 = "{hash_key(api_key)}"
 providers = ["dev"]
 permissions = ["tokens:read", "grants:write", "grants:read"]
 """)
+    lines.append(tables)
     return "\n".join(lines)
 
 
@@ -103,6 +106,7 @@ async def start_fleet(
     redis_urls: Sequence[str],
     tmp_path: Path,
     settings: Mapping[str, TomlScalar],
+    tables: str = "",
 ) -> Fleet:
     """One ready replica per Redis URL (the same server, maybe by different routes)."""
     api_key = new_api_key()
@@ -115,7 +119,7 @@ async def start_fleet(
         for i, redis_url in enumerate(redis_urls):
             port = free_port()
             config = tmp_path / f"broker-{i}.toml"
-            config.write_text(replica_config(provider, redis_url, api_key, port, settings))
+            config.write_text(replica_config(provider, redis_url, api_key, port, settings, tables))
             log = tmp_path / f"broker-{i}.log"
             with log.open("wb") as out:
                 process = await asyncio.create_subprocess_exec(

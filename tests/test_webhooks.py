@@ -8,12 +8,15 @@ import asyncio
 import base64
 import json
 import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from standardwebhooks import Webhook
 
@@ -22,6 +25,7 @@ from broker.devprovider import DevProvider
 from broker.errors import ConfigError
 from broker.settings_webhooks import EVENT_TYPES
 from tests.conftest import SECRETS, Broker, BrokerFactory, RedisServer, broker_settings, path
+from tests.fleet import start_fleet, stop_fleet
 from tests.test_scheduler import eventually
 
 TIMEOUT = 1.0  # the receivers' delivery timeout in these tests: retries after 2, 4, 8 s
@@ -292,3 +296,50 @@ def test_every_event_type_is_documented() -> None:
         text = doc.read()
     for event_type in EVENT_TYPES:
         assert f"`{event_type}`" in text
+
+
+async def test_a_replica_killed_during_delivery_leaves_the_event_to_another(
+    provider: DevProvider,
+    own_redis: RedisServer,
+    tmp_path: Path,
+    receivers: Callable[..., Any],
+) -> None:
+    """Two broker processes; the one whose delivery hangs at the receiver is SIGKILLed: the
+    other claims the event after its backoff and delivers it, under the same webhook-id."""
+    receiver: Receiver = await receivers("hang")
+    secret = new_secret()
+    table = f'[[webhooks]]\nurl = "{receiver.url}"\nsecret = "{secret}"\ntimeout = 2\n'
+    fleet = await start_fleet(provider, [own_redis.url] * 2, tmp_path, {}, table)
+    try:
+        async with aiohttp.ClientSession(headers=fleet.headers) as http:
+            body = {"refresh_token": provider.issue_refresh_token("ivy"), "access_token": "at"}
+            url = fleet.replicas[0].url + path("grants", "ivy")
+            await eventually(lambda: _groups_ready(own_redis), "both replicas reading", 10)
+            async with http.put(url, json=body) as answer:
+                assert answer.status == 201
+        await asyncio.wait_for(receiver.arrived.wait(), 10)
+        redis = aioredis.Redis.from_url(own_redis.url)
+        [pending] = await redis.xpending_range("fleet:events", "webhook:127-0-0-1", "-", "+", 10)
+        await redis.aclose()
+        holder = int(pending["consumer"].decode().split("-")[-2])
+        [victim] = [r for r in fleet.replicas if r.process.pid == holder]
+        victim.process.send_signal(signal.SIGKILL)
+        await victim.process.wait()
+        victim.alive = False
+        await eventually(lambda: _true(len(receiver.attempts) >= 2), "a second attempt", 15)
+        first, second = receiver.attempts[:2]
+        assert first.headers["webhook-id"] == second.headers["webhook-id"]
+        assert verify(secret, second)["data"]["user_id"] == "ivy"
+    finally:
+        await stop_fleet(fleet)
+
+
+async def _groups_ready(server: RedisServer) -> bool:
+    redis = aioredis.Redis.from_url(server.url)
+    try:
+        groups = await redis.xinfo_groups("fleet:events")
+    except aioredis.ResponseError:
+        return False
+    finally:
+        await redis.aclose()
+    return bool(groups)
