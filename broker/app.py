@@ -38,6 +38,7 @@ from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
 from broker.store import GrantStore, Guard, Keys, connect
 from broker.webhooks.delivery import WebhookService
+from broker.webhooks.expiring import ExpiryWatch
 from broker.webhooks.stream import EventStream
 
 log = structlog.get_logger("broker")
@@ -193,15 +194,22 @@ async def _webhooks(app: web.Application) -> AsyncIterator[None]:
     """Deliveries to the ``[[webhooks]]`` receivers (docs/webhooks.md), from every replica.
     Events are recorded whether or not any is configured (in-cluster consumers read them)."""
     settings = app[api.SETTINGS]
-    if not settings.webhooks:
-        yield
-        return
     store = app[api.STORE]
-    stream = EventStream(store.redis, store.keys, store.guard)
-    service = WebhookService(settings.webhooks, stream, app[api.METRICS], clock=app[CLOCK])
-    service.start()
+    stopping = asyncio.Event()
+    expiring = [name for name, p in settings.providers.items() if p.refresh_token_max_age]
+    watch = ExpiryWatch(store, expiring, settings.refresh_token_warn_before, app[CLOCK])
+    watching = asyncio.create_task(watch.run(stopping)) if expiring else None
+    service = None
+    if settings.webhooks:
+        stream = EventStream(store.redis, store.keys, store.guard)
+        service = WebhookService(settings.webhooks, stream, app[api.METRICS], clock=app[CLOCK])
+        service.start()
     yield
-    await service.stop(_drain_left(app))
+    stopping.set()
+    if watching is not None:
+        await watching
+    if service is not None:
+        await service.stop(_drain_left(app))
 
 
 async def _scheduler(app: web.Application) -> AsyncIterator[None]:

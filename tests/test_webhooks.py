@@ -24,6 +24,7 @@ from broker.api import STORE
 from broker.devprovider import DevProvider
 from broker.errors import ConfigError
 from broker.settings_webhooks import EVENT_TYPES
+from broker.webhooks.expiring import EVENT, ExpiryWatch
 from tests.conftest import SECRETS, Broker, BrokerFactory, RedisServer, broker_settings, path
 from tests.fleet import start_fleet, stop_fleet
 from tests.test_scheduler import eventually
@@ -343,3 +344,28 @@ async def _groups_ready(server: RedisServer) -> bool:
     finally:
         await redis.aclose()
     return bool(groups)
+
+
+async def test_a_refresh_token_near_its_maximum_age_is_reported_once(
+    make_broker: BrokerFactory,
+    redis_server: RedisServer,
+    key_prefix: str,
+    provider: DevProvider,
+) -> None:
+    broker = await make_broker(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        refresh_token_warn_before=7200,
+        provider={"refresh_token_max_age": 3600},
+    )
+    rt = provider.issue_refresh_token("jo")
+    await broker.import_grant("jo", refresh_token=rt)  # validated: its lifetime starts now
+    await broker.import_grant("kim", refresh_token=provider.issue_refresh_token("kim"))
+    store = broker.app[STORE]
+    replicas = [ExpiryWatch(store, ["dev"], 7200, broker.clock) for _ in range(2)]
+    assert sum([await watch.check() for watch in replicas]) == 2  # one per grant, not replica
+    assert await replicas[0].check() == 0
+    expiring = [e for e in await stream_events(broker) if e["type"] == EVENT]
+    assert sorted(e["data"]["user_id"] for e in expiring) == ["jo", "kim"]
+    assert expiring[0]["data"]["refresh_token_expires_at"]
+    assert_no_token(json.dumps(expiring).encode(), rt)
