@@ -452,6 +452,9 @@ expect_fail "refuses an ingress without providers" \
 expect_fail "refuses a malformed client key hash" \
   tpl --set 'clients[0].name=a' --set 'clients[0].key_sha256=abc' \
   --set 'clients[0].providers[0]=*' --set 'clients[0].permissions[0]=tokens:read' "key_sha256"
+expect_fail "refuses a webhook without a signing secret" \
+  tpl --set 'webhooks[0].name=app' --set 'webhooks[0].url=https://app.example/hook' \
+  "webhooks app needs signingSecret"
 
 section "documentation"
 check "helm/broker/README.md documents every key of values.yaml (and no other)" \
