@@ -29,6 +29,7 @@ from tests.conftest import SECRETS, Broker, BrokerFactory, RedisServer, broker_s
 from tests.fleet import start_fleet, stop_fleet
 from tests.test_scheduler import eventually
 
+OLDEST = "broker_webhook_oldest_undelivered_seconds"
 TIMEOUT = 1.0  # the receivers' delivery timeout in these tests: retries after 2, 4, 8 s
 
 
@@ -217,6 +218,13 @@ async def test_delivery_is_signed_retried_with_one_id_and_arrives(
     assert 'broker_webhook_deliveries_total{outcome="success",webhook="flaky"} 1.0' in metrics
     assert 'broker_webhook_deliveries_total{outcome="refused",webhook="flaky"} 1.0' in metrics
     assert 'broker_webhook_deliveries_total{outcome="error",webhook="flaky"} 1.0' in metrics
+
+    async def down_is_waiting() -> bool:
+        text = await (await broker.client.get("/metrics")).text()
+        ages = [line for line in text.splitlines() if line.startswith(OLDEST + '{webhook="down"}')]
+        return bool(ages) and float(ages[0].split()[-1]) > 0
+
+    await eventually(down_is_waiting, "the down receiver's backlog age", 10)
 
 
 async def test_filters_and_a_revoked_refresh_token_is_reported(
