@@ -92,24 +92,22 @@ def webhook_secrets(
     result = []
     for hook in webhooks:
         where = f"webhooks.{hook.label}"
-        secret = hook.secret
         if hook.secret_env is not None:
-            if not environ.get(hook.secret_env):
-                raise ConfigError(
-                    f"{where}.secret_env", f"environment variable {hook.secret_env} is not set"
-                )
-            secret, setting = Secret(environ[hook.secret_env]), f"{where}.secret_env"
+            setting, text = f"{where}.secret_env", environ.get(hook.secret_env, "")
+            if not text:
+                raise ConfigError(setting, f"environment variable {hook.secret_env} is not set")
         elif hook.secret_file is not None:
             setting = f"{where}.secret_file"
-            secret = Secret(read_secret_file(setting, hook.secret_file, base_dir))
-        if hook.secret is None and secret is not None:
-            try:
-                parse_secret(secret.reveal())
-            except ValueError as err:
-                raise ConfigError(setting, str(err)) from None
-        result.append(
-            hook.model_copy(update={"secret": secret, "secret_env": None, "secret_file": None})
-        )
+            text = read_secret_file(setting, hook.secret_file, base_dir)
+        else:
+            result.append(hook)  # inline, checked by the model
+            continue
+        try:
+            parse_secret(text)
+        except ValueError as err:
+            raise ConfigError(setting, str(err)) from None
+        update = {"secret": Secret(text), "secret_env": None, "secret_file": None}
+        result.append(hook.model_copy(update=update))
     return tuple(result)
 
 

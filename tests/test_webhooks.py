@@ -377,3 +377,26 @@ async def test_a_refresh_token_near_its_maximum_age_is_reported_once(
     assert sorted(e["data"]["user_id"] for e in expiring) == ["jo", "kim"]
     assert expiring[0]["data"]["refresh_token_expires_at"]
     assert_no_token(json.dumps(expiring).encode(), rt)
+
+
+def test_a_secret_file_is_read_and_checked(provider: DevProvider, tmp_path: Path) -> None:
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    secret = new_secret()
+    good.write_text(secret + "\n")
+    bad.write_text("whsec_!!\n")
+
+    def load(file: Path) -> Any:
+        return broker_settings(
+            provider,
+            api_key_hash="0" * 64,
+            webhooks=[{"url": "https://example.com/hook", "secret_file": str(file)}],
+        )
+
+    [loaded] = load(good).webhooks
+    assert loaded.secret is not None
+    assert loaded.secret.reveal() == secret
+    assert secret not in repr(loaded)
+    with pytest.raises(ConfigError) as caught:
+        load(bad)
+    assert caught.value.setting == "webhooks.example-com.secret_file"
+    assert "whsec_!!" not in str(caught.value)
