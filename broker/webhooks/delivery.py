@@ -80,6 +80,8 @@ class Receiver:
             except StoreUnavailable:
                 ready = False  # the stream may have been deleted: create the group again
                 log.warning("webhook.store_unavailable", webhook=self.hook.label)
+            except Exception:  # a background loop outlives a surprise; the entry stays pending
+                log.exception("webhook.loop_failed", webhook=self.hook.label)
             if not busy:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), IDLE_POLL)
@@ -138,7 +140,7 @@ class Receiver:
                 allow_redirects=False,
             ) as response:
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError) as err:
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
             log.warning(
                 "webhook.delivery_failed",
                 webhook=self.hook.label,
