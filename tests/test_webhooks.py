@@ -25,7 +25,17 @@ from broker.devprovider import DevProvider
 from broker.errors import ConfigError
 from broker.settings_webhooks import EVENT_TYPES
 from broker.webhooks.expiring import EVENT, ExpiryWatch
-from tests.conftest import SECRETS, Broker, BrokerFactory, RedisServer, broker_settings, path
+from tests.conftest import (
+    SECRETS,
+    Broker,
+    BrokerFactory,
+    Landing,
+    RedisServer,
+    broker_settings,
+    connect,
+    free_port,
+    path,
+)
 from tests.fleet import start_fleet, stop_fleet
 from tests.test_scheduler import eventually
 
@@ -400,3 +410,25 @@ def test_a_secret_file_is_read_and_checked(provider: DevProvider, tmp_path: Path
         load(bad)
     assert caught.value.setting == "webhooks.example-com.secret_file"
     assert "whsec_!!" not in str(caught.value)
+
+
+async def test_a_user_connecting_and_reconnecting_is_recorded_each_time(
+    make_broker: BrokerFactory,
+    redis_server: RedisServer,
+    key_prefix: str,
+    browser: aiohttp.ClientSession,
+    landing: Landing,
+) -> None:
+    """The authorization flow creates a grant, and replaces it when the user connects again
+    (its state unchanged): both are ``grant.connected``."""
+    broker = await make_broker(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        port=free_port(),
+        redirect_allowlist=[landing.url + "/"],
+    )
+    for _ in range(2):
+        journey = await connect(broker, browser, "lee", landing.url + "/")
+        assert journey.query["status"] == "connected"
+    events = await stream_events(broker)
+    assert [(e["type"], e["data"]["state"]) for e in events] == [("grant.connected", "active")] * 2
