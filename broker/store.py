@@ -4,7 +4,7 @@ Keys of one grant share a hash tag, ``{prefix}:{<provider>:<base64url(user id)>}
 multi-key scripts stay within one Redis Cluster slot. base64url without padding is injective and
 contains no ``{`` or ``}``, so two user ids never share a key whatever characters they hold.
 
-Each grant is a hash ``{v: version, blob: encrypted record, due, st}``. Writes are
+Each grant is a hash ``{v: version, blob: encrypted record, due, st, c}``. Writes are
 compare-and-set on ``v`` (a fence): a writer whose view is stale, for example a refresh whose
 lock expired while a newer record was written, cannot overwrite that record. Versions never
 repeat, even across a delete and a new import (see ``base_version``). ``due`` (next refresh
@@ -12,7 +12,8 @@ time) and ``st`` (state) repeat, in clear, what the indexes must say, so the rec
 check them without decrypting; neither is a secret (the status endpoint shows both).
 
 A write or delete that changes a grant's state appends its event (docs/webhooks.md) to the
-events stream in the same script, so the event is stored before the change is acknowledged. On
+events stream in the same script, so the event is stored before the change is acknowledged
+(``c``, the creation time in clear, tells a replaced grant from a refreshed one). On
 a Redis Cluster the stream is in another slot than the grant: the event is appended right
 after the script instead (ordered, not atomic: a process killed between the two loses it).
 
