@@ -353,10 +353,10 @@ async def test_a_replica_killed_during_delivery_leaves_the_event_to_another(
         await stop_fleet(fleet)
 
 
-async def _groups_ready(server: RedisServer) -> bool:
+async def _groups_ready(server: RedisServer, key: str = "fleet:events") -> bool:
     redis = aioredis.Redis.from_url(server.url)
     try:
-        groups = await redis.xinfo_groups("fleet:events")
+        groups = await redis.xinfo_groups(key)
     except aioredis.ResponseError:
         return False
     finally:
@@ -432,3 +432,31 @@ async def test_a_user_connecting_and_reconnecting_is_recorded_each_time(
         assert journey.query["status"] == "connected"
     events = await stream_events(broker)
     assert [(e["type"], e["data"]["state"]) for e in events] == [("grant.connected", "active")] * 2
+
+
+async def test_an_event_older_than_a_day_is_given_up_not_delivered(
+    make_broker: BrokerFactory,
+    redis_server: RedisServer,
+    key_prefix: str,
+    provider: DevProvider,
+    receivers: Callable[..., Any],
+) -> None:
+    receiver: Receiver = await receivers()
+    broker = await make_broker(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        webhooks=[hook(receiver, new_secret(), name="late")],
+    )
+    store = broker.app[STORE]
+    await eventually(lambda: _groups_ready(redis_server, store.keys.events_key()), "group", 10)
+    body = '{"type":"grant.deleted","timestamp":"1970-01-01T00:00:01.000Z","data":{}}'
+    await store.redis.xadd(
+        store.keys.events_key(),
+        {"type": "grant.deleted", "provider": "dev", "body": body},
+        id="1000-1",  # dated 1970
+    )
+    await broker.import_grant("max", refresh_token=provider.issue_refresh_token("max"))
+    await eventually(lambda: _true(bool(receiver.attempts)), "the new event", 10)
+    assert [a.event["type"] for a in receiver.attempts] == ["grant.connected"]
+    metrics = (await (await broker.client.get("/metrics")).text()).splitlines()
+    assert 'broker_webhook_deliveries_total{outcome="expired",webhook="late"} 1.0' in metrics
