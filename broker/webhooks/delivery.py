@@ -29,6 +29,7 @@ log = structlog.get_logger(__name__)
 DELIVERY_WINDOW = 24 * 3600.0  # seconds an event is retried before it is given up
 RETRY_MAX = 3600.0  # the longest wait between two attempts
 IDLE_POLL = 0.5  # seconds between two looks at the stream when there is nothing to do
+STORE_PAUSE = 2.0  # seconds before trying again after Redis failed
 GAUGE_INTERVAL = 5.0  # seconds between two updates of the backlog gauges
 USER_AGENT = "broker-webhooks (Standard Webhooks)"
 
@@ -71,7 +72,7 @@ class Receiver:
     async def run(self, stopping: asyncio.Event) -> None:
         ready = False
         while not stopping.is_set():
-            busy = False
+            busy, pause = False, IDLE_POLL
             try:
                 if not ready:
                     await self._stream.ensure_group(self._group)
@@ -79,12 +80,14 @@ class Receiver:
                 busy = await self._turn()
             except StoreUnavailable:
                 ready = False  # the stream may have been deleted: create the group again
+                pause = STORE_PAUSE
                 log.warning("webhook.store_unavailable", webhook=self.hook.label)
             except Exception:  # a background loop outlives a surprise; the entry stays pending
+                pause = STORE_PAUSE
                 log.exception("webhook.loop_failed", webhook=self.hook.label)
             if not busy:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), IDLE_POLL)
+                    await asyncio.wait_for(stopping.wait(), pause)
 
     async def _turn(self) -> bool:
         """Start what is due (retries first, then new events) in the free slots."""
