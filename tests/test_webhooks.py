@@ -36,6 +36,7 @@ from tests.conftest import (
     free_port,
     path,
 )
+from tests.faults import TcpProxy
 from tests.fleet import start_fleet, stop_fleet
 from tests.test_scheduler import eventually
 
@@ -460,3 +461,65 @@ async def test_an_event_older_than_a_day_is_given_up_not_delivered(
     assert [a.event["type"] for a in receiver.attempts] == ["grant.connected"]
     metrics = (await (await broker.client.get("/metrics")).text()).splitlines()
     assert 'broker_webhook_deliveries_total{outcome="expired",webhook="late"} 1.0' in metrics
+
+
+async def test_a_write_whose_reply_was_lost_records_its_event_once(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """redis-py sends the grant's script again when its reply is lost: the second run
+    recognises the write and appends nothing, so the event is in the stream exactly once."""
+    async with await TcpProxy.start("127.0.0.1", redis_server.port) as proxy:
+        broker = await make_broker(redis_url=proxy.url_for_redis(), key_prefix=key_prefix)
+        store = broker.app[STORE]
+        proxy.drop_reply_once(store._fenced_write.sha.encode())
+        status, _ = await broker.import_grant("nia", refresh_token="rt", access_token="at")
+        assert status == 201
+        assert proxy.dropped_replies == 1
+        proxy.drop_reply_once(store._delete.sha.encode())
+        assert (await broker.call("DELETE", path("grants", "nia")))[0] == 204
+        assert proxy.dropped_replies == 2
+        assert [e["type"] for e in await stream_events(broker)] == [
+            "grant.connected",
+            "grant.deleted",
+        ]
+
+
+async def test_deliveries_resume_after_redis_was_cut_off(
+    make_broker: BrokerFactory,
+    provider: DevProvider,
+    redis_server: RedisServer,
+    key_prefix: str,
+    receivers: Callable[..., Any],
+) -> None:
+    """Redis unreachable while an event waits for its retry: the loop survives, and once Redis
+    is back the event is delivered, under the same webhook-id."""
+    receiver: Receiver = await receivers("fail")
+    secret = new_secret()
+    async with await TcpProxy.start("127.0.0.1", redis_server.port) as proxy:
+        broker = await make_broker(
+            redis_url=proxy.url_for_redis(),
+            key_prefix=key_prefix,
+            redis_timeout=0.5,
+            webhooks=[hook(receiver, secret)],
+        )
+        await eventually(
+            lambda: _groups_ready(redis_server, broker.app[STORE].keys.events_key()), "group", 10
+        )
+        await broker.import_grant("oli", refresh_token="rt", access_token="at")
+        await asyncio.wait_for(receiver.arrived.wait(), 10)  # refused: to be retried in 2 s
+        proxy.blackhole()
+
+        async def loop_failed_twice() -> bool:
+            text = await (await broker.client.get("/metrics")).text()
+            line = 'broker_redis_errors_total{operation="webhook"} '
+            counts = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
+            return bool(counts) and counts[0] >= 2
+
+        # two turns failed: past the retry's due time (2 s), with Redis gone
+        await eventually(loop_failed_twice, "the loop meeting the outage", 15)
+        assert len(receiver.attempts) == 1
+        proxy.heal()
+        await eventually(lambda: _true(len(receiver.attempts) >= 2), "the retry", 15)
+        first, second = receiver.attempts[:2]
+        assert first.headers["webhook-id"] == second.headers["webhook-id"]
+        assert verify(secret, second)["data"]["user_id"] == "oli"
