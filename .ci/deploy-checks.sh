@@ -472,6 +472,9 @@ expect_fail "refuses an ingress without providers" \
 expect_fail "refuses a malformed client key hash" \
   tpl --set 'clients[0].name=a' --set 'clients[0].key_sha256=abc' \
   --set 'clients[0].providers[0]=*' --set 'clients[0].permissions[0]=tokens:read' "key_sha256"
+expect_fail "refuses a webhook without a signing secret" \
+  tpl --set 'webhooks[0].name=app' --set 'webhooks[0].url=https://app.example/hook' \
+  "webhooks app needs signingSecret"
 
 section "dependencies: known vulnerabilities (pip-audit)"
 # Findings fail the run (docs/SECURITY.md says how to act on one). Only when the advisory

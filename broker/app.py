@@ -45,6 +45,9 @@ from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
 from broker.store import GrantStore, Guard, Keys, connect
 from broker.tls import client_context
+from broker.webhooks.delivery import WebhookService
+from broker.webhooks.expiring import ExpiryWatch
+from broker.webhooks.stream import EventStream
 
 log = structlog.get_logger("broker")
 
@@ -96,6 +99,7 @@ def create_app(
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_services)
     app.cleanup_ctx.append(_app_scheduler)
+    app.cleanup_ctx.append(_webhooks)
     app.cleanup_ctx.append(_scheduler)  # registered last: stops first
     if reload_on_sighup:
         app.cleanup_ctx.append(
@@ -260,6 +264,28 @@ async def _app_scheduler(app: web.Application) -> AsyncIterator[None]:
     scheduler.start()
     yield
     await scheduler.stop(_drain_left(app))
+
+
+async def _webhooks(app: web.Application) -> AsyncIterator[None]:
+    """Deliveries to the ``[[webhooks]]`` receivers (docs/webhooks.md), from every replica.
+    Events are recorded whether or not any is configured (in-cluster consumers read them)."""
+    settings = app[api.SETTINGS]
+    store = app[api.STORE]
+    stopping = asyncio.Event()
+    expiring = [name for name, p in settings.providers.items() if p.refresh_token_max_age]
+    watch = ExpiryWatch(store, expiring, settings.refresh_token_warn_before, app[CLOCK])
+    watching = asyncio.create_task(watch.run(stopping)) if expiring else None
+    service = None
+    if settings.webhooks:
+        stream = EventStream(store.redis, store.keys, store.guard)
+        service = WebhookService(settings.webhooks, stream, app[api.METRICS], clock=app[CLOCK])
+        service.start()
+    yield
+    stopping.set()
+    if watching is not None:
+        await watching
+    if service is not None:
+        await service.stop(_drain_left(app))
 
 
 async def _scheduler(app: web.Application) -> AsyncIterator[None]:

@@ -2,8 +2,9 @@
 
 One record per (provider, scope set), a hash ``{prefix}:{app:<provider>:<scope id>}:token`` in
 the grants' record format (``v`` version, ``blob`` the AES-GCM record under the key ring with
-associated data ``app_token_aad(provider, scope id)``, ``due``, ``st``) written by the same
-fenced script, so ``broker rekey`` can re-encrypt it like a grant (SCAN
+associated data ``app_token_aad(provider, scope id)``, ``due``, ``st``) written by a fenced
+script like the grants' (without their events), so ``broker rekey`` can re-encrypt it like a
+grant (SCAN
 ``Keys.app_token_pattern()``). One more field, ``used`` (clear; not a secret), says when a
 client last got the token: the scheduler refreshes only tokens handed out since their last
 refresh, so a scope set nobody asks for any more costs nothing after one lifetime, and its
@@ -161,7 +162,7 @@ class AppTokenStore:
         self._guard = guard
         self._keyring = keyring
         self._metrics = metrics
-        self._fenced_write = redis.register_script(script("fenced_write.lua"))
+        self._fenced_write = redis.register_script(script("app_fenced_write.lua"))
         self._claim = redis.register_script(script("claim_due.lua"))
         self._move = redis.register_script(script("move_lease.lua"))
         self._used = redis.register_script(script("app_token_used.lua"))

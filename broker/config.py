@@ -30,7 +30,12 @@ from broker.settings_providers import (
     ClientSettings,
     ProviderSettings,
 )
-from broker.settings_secrets import client_secrets, encryption_keys, parse_encryption_keys
+from broker.settings_secrets import (
+    client_secrets,
+    encryption_keys,
+    parse_encryption_keys,
+    webhook_secrets,
+)
 from broker.settings_types import (
     AUTHORIZATION_TTL,
     CLUSTER_SCHEME,
@@ -103,6 +108,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir:
     except ValidationError as err:
         raise _config_error(err, environment.variables, raw) from None
     providers = client_secrets(settings.providers, environ, base_dir)
+    webhooks = webhook_secrets(settings.webhooks, environ, base_dir)
     file_setting = environment.variables.get("encryption_keys_file", "encryption_keys_file")
     keys, ephemeral = encryption_keys(settings, environ, base_dir, file_setting)
     ca_setting = environment.variables.get("ca_bundle", "ca_bundle")
@@ -110,6 +116,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir:
         update={
             "ca_bundle": checked_ca_bundle(ca_setting, settings.ca_bundle, base_dir),
             "providers": providers,
+            "webhooks": webhooks,
             "encryption_keys": keys,
             "ephemeral_encryption_key": ephemeral,
         }
@@ -212,8 +219,8 @@ def _setting(error: ErrorDetails, variables: Mapping[str, str], raw: Mapping[str
         return variables[str(loc[0])]
     path: list[str] = []
     for index, part in enumerate(loc):
-        if index == 1 and loc[0] == "clients" and isinstance(part, int):
-            path[-1] = _client(raw, part)
+        if index == 1 and loc[0] in ("clients", "webhooks") and isinstance(part, int):
+            path[-1] = _client(raw, part, str(loc[0]))
         elif isinstance(part, str) and part != "[key]":
             path.append(part)  # list items, set members and dict keys are their setting's
     if error["type"] == "setting":
@@ -221,9 +228,10 @@ def _setting(error: ErrorDetails, variables: Mapping[str, str], raw: Mapping[str
     return ".".join(path)
 
 
-def _client(raw: Mapping[str, Any], index: int) -> str:
-    """``clients.<name>`` once a client has a name, ``clients[<index>]`` before."""
-    clients = raw.get("clients")
+def _client(raw: Mapping[str, Any], index: int, tables: str = "clients") -> str:
+    """``clients.<name>`` once a client has a name, ``clients[<index>]`` before (and so for
+    ``webhooks``)."""
+    clients = raw.get(tables)
     table = clients[index] if isinstance(clients, list) and index < len(clients) else None
     name = table.get("name") if isinstance(table, dict) else None
-    return f"clients.{name}" if isinstance(name, str) and name else f"clients[{index}]"
+    return f"{tables}.{name}" if isinstance(name, str) and name else f"{tables}[{index}]"

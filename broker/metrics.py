@@ -162,6 +162,25 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "broker_webhook_deliveries",
+            "Webhook delivery attempts by outcome (success; refused: a non-2xx answer; error: "
+            "no answer in time; expired: given up after 24 hours).",
+            ["webhook", "outcome"],
+            registry=r,
+        )
+        self.webhook_oldest_undelivered = Gauge(
+            "broker_webhook_oldest_undelivered_seconds",
+            "Age of the oldest event not yet delivered to a webhook (0 when none waits).",
+            ["webhook"],
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "broker_webhook_pending",
+            "Events read for a webhook and not yet delivered (being retried).",
+            ["webhook"],
+            registry=r,
+        )
         Gauge("broker_build_info", "Build information.", ["version"], registry=r).labels(
             __version__
         ).set(1)

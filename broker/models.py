@@ -41,6 +41,11 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def iso_ms(ts: float) -> str:
+    """RFC 3339 UTC with a ``Z``, to the millisecond, as events show times."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
 def refresh_due_at(
     expires_at: float,
     lifetime: float,

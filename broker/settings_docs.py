@@ -2,14 +2,15 @@
 
 - the JSON Schema of broker.toml (``broker config-schema``);
 - the settings tables of docs/configuration.md, each between ``<!-- settings:begin NAME -->``
-  and ``<!-- settings:end -->`` (NAME: ``top``, ``providers`` or ``clients``); the prose around
-  them is written by hand and kept;
+  and ``<!-- settings:end -->`` (NAME: ``top``, ``providers``, ``clients`` or ``webhooks``);
+  the prose around them is written by hand and kept;
 - the ``config`` object of helm/broker/values.schema.json: broker's top-level settings that the
   chart passes through to broker.toml (all but the ones the chart sets itself, which it refuses);
 - its ``clients`` array: broker's client settings with their rules;
 - its ``providers`` object: for each provider, broker's provider settings (all but an inline
   ``client_secret``, which the chart refuses) with their rules, plus the chart's own keys
-  (``clientSecret``, ``public``). The chart's additions are defined here, not in the file.
+  (``clientSecret``, ``public``); and its ``webhooks`` list likewise (``signingSecret``). The
+  chart's additions are defined here, not in the file.
 
 Regenerate after changing a setting (tests/test_settings_generated.py fails until you do)::
 
@@ -34,6 +35,7 @@ from pydantic_core import CoreSchema
 from broker.settings_model import Settings
 from broker.settings_providers import ClientSettings, ProviderSettings, RateLimit
 from broker.settings_types import ShownDefault, is_table, settings_of
+from broker.settings_webhooks import WebhookSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "configuration.md"
@@ -44,6 +46,7 @@ TABLES: dict[str, type[BaseModel]] = {
     "providers": ProviderSettings,
     "clients": ClientSettings,
     "rate_limit": RateLimit,
+    "webhooks": WebhookSettings,
 }
 # Set by the chart itself (listen address and port, Redis, the mounted key file), so refused in
 # its `config` value; providers and clients have values of their own.
@@ -60,6 +63,18 @@ CHART_PROVIDER_KEYS: dict[str, dict[str, Any]] = {
 # Provider settings the chart refuses: an inline secret would be written into the ConfigMap
 # (its clientSecret goes into the Secret instead).
 CHART_REFUSED_PROVIDER_SETTINGS = ("client_secret",)
+# The chart's own key in a webhook's value (the same list as "broker.chartWebhookKeys" in
+# _helpers.tpl): its signing secret, stored in the chart's Secret and mounted as a file, which
+# the chart names in secret_file itself; so it refuses the secret settings of broker.toml.
+CHART_WEBHOOK_KEYS: dict[str, dict[str, Any]] = {
+    "signingSecret": {
+        "type": "string",
+        "pattern": "^whsec_[A-Za-z0-9+/=]+$",
+        "description": "whsec_<base64>: stored in the chart's Secret (webhook-<name>-secret), "
+        "mounted as a file. With existingSecret, that Secret's key instead.",
+    },
+}
+CHART_REFUSED_WEBHOOK_SETTINGS = ("secret", "secret_env", "secret_file")
 _BLOCK = re.compile(r"(<!-- settings:begin (\w+) -->\n)(.*?)(<!-- settings:end -->)", re.DOTALL)
 
 
@@ -195,6 +210,29 @@ def chart_clients_schema() -> dict[str, Any]:
     }
 
 
+def chart_webhooks_schema() -> dict[str, Any]:
+    """The ``webhooks`` list of the chart's values.schema.json: broker's webhook settings but
+    the secret ones, a required ``name`` (it names the secret's key), and ``signingSecret``."""
+    webhook = config_schema()["$defs"][WebhookSettings.__name__]
+    properties = {
+        name: _chart_setting(_without_null(setting))
+        for name, setting in webhook["properties"].items()
+        if name not in CHART_REFUSED_WEBHOOK_SETTINGS
+    }
+    return {
+        "type": "array",
+        "description": "broker.toml [[webhooks]] tables (docs/webhooks.md): broker's webhook "
+        "settings but the secret ones, generated from broker/settings_webhooks.py by "
+        f"`{REGENERATE}`, and the chart's own signingSecret.",
+        "items": {
+            "type": "object",
+            "properties": {**properties, **CHART_WEBHOOK_KEYS},
+            "required": ["url", "name"],
+            "additionalProperties": False,
+        },
+    }
+
+
 def _inline(schema: Any, definitions: dict[str, Any]) -> Any:
     """``schema`` with each ``$ref`` to ``#/$defs/...`` replaced by its definition."""
     if isinstance(schema, list):
@@ -210,12 +248,13 @@ def _inline(schema: Any, definitions: dict[str, Any]) -> Any:
 
 
 def render_chart_schema(text: str) -> str:
-    """``text`` (values.schema.json) with its ``config``, ``clients`` and ``providers``
-    regenerated."""
+    """``text`` (values.schema.json) with its ``config``, ``clients``, ``providers`` and
+    ``webhooks`` regenerated."""
     document = json.loads(text)
     document["properties"]["config"] = chart_config_schema()
     document["properties"]["clients"] = chart_clients_schema()
     document["properties"]["providers"] = chart_providers_schema()
+    document["properties"]["webhooks"] = chart_webhooks_schema()
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 

@@ -50,6 +50,7 @@ from broker.settings_types import (
     setting_error,
     without_password,
 )
+from broker.settings_webhooks import WebhookSettings, check_webhooks
 
 ProviderName = Annotated[str, matching(PROVIDER_NAME, "name must match [a-z0-9][a-z0-9_-]{0,62}")]
 LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"], CaseInsensitive]
@@ -323,6 +324,9 @@ class Settings(DataclassFields, BaseSettings):
         default_factory=dict, description="the `[providers.<name>]` tables"
     )
     clients: tuple[ClientSettings, ...] = Field(default=(), description="the `[[clients]]` tables")
+    webhooks: tuple[WebhookSettings, ...] = Field(
+        default=(), description="the `[[webhooks]]` tables (docs/webhooks.md)"
+    )
     # Derived at load time (broker.config): the key ring, and whether it is a throwaway key.
     encryption_keys: Derived[tuple[tuple[str, bytes], ...]] = Field(
         default=(), repr=False, exclude=True
@@ -396,6 +400,7 @@ class Settings(DataclassFields, BaseSettings):
     @model_validator(mode="after")
     def _clients_fit(self) -> Self:
         check_clients(self.clients, self.providers)
+        check_webhooks(self.webhooks, list(self.providers))
         return self
 
     @property

@@ -1,5 +1,6 @@
 """Secrets that settings reference rather than hold: the encryption keys (a variable or a
-file) and the providers' client secrets (``client_secret_env`` / ``client_secret_file``).
+file), the providers' client secrets (``client_secret_env`` / ``client_secret_file``) and the
+webhooks' signing secrets (``secret_env`` / ``secret_file``).
 
 They are read once, after the settings validated, and each problem names the setting (or the
 variable) that pointed at them.
@@ -10,13 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from broker.errors import ConfigError
 from broker.settings_model import Settings
 from broker.settings_providers import ProviderSettings
 from broker.settings_types import KEY_ID, Secret
+from broker.settings_webhooks import WebhookSettings, parse_secret
 
 KeyRing = tuple[tuple[str, bytes], ...]
 
@@ -81,6 +83,32 @@ def client_secrets(
             update={"client_secret": secret, "client_secret_env": None, "client_secret_file": None}
         )
     return result
+
+
+def webhook_secrets(
+    webhooks: Sequence[WebhookSettings], environ: Mapping[str, str], base_dir: Path
+) -> tuple[WebhookSettings, ...]:
+    """The webhooks with each referenced signing secret read (and checked) into ``secret``."""
+    result = []
+    for hook in webhooks:
+        where = f"webhooks.{hook.label}"
+        if hook.secret_env is not None:
+            setting, text = f"{where}.secret_env", environ.get(hook.secret_env, "")
+            if not text:
+                raise ConfigError(setting, f"environment variable {hook.secret_env} is not set")
+        elif hook.secret_file is not None:
+            setting = f"{where}.secret_file"
+            text = read_secret_file(setting, hook.secret_file, base_dir)
+        else:
+            result.append(hook)  # inline, checked by the model
+            continue
+        try:
+            parse_secret(text)
+        except ValueError as err:
+            raise ConfigError(setting, str(err)) from None
+        update = {"secret": Secret(text), "secret_env": None, "secret_file": None}
+        result.append(hook.model_copy(update=update))
+    return tuple(result)
 
 
 def read_secret_file(name: str, value: str, base_dir: Path) -> str:

@@ -4,12 +4,18 @@ Keys of one grant share a hash tag, ``{prefix}:{<provider>:<base64url(user id)>}
 multi-key scripts stay within one Redis Cluster slot. base64url without padding is injective and
 contains no ``{`` or ``}``, so two user ids never share a key whatever characters they hold.
 
-Each grant is a hash ``{v: version, blob: encrypted record, due, st}``. Writes are
+Each grant is a hash ``{v: version, blob: encrypted record, due, st, c}``. Writes are
 compare-and-set on ``v`` (a fence): a writer whose view is stale, for example a refresh whose
 lock expired while a newer record was written, cannot overwrite that record. Versions never
 repeat, even across a delete and a new import (see ``base_version``). ``due`` (next refresh
 time) and ``st`` (state) repeat, in clear, what the indexes must say, so the reconciler can
 check them without decrypting; neither is a secret (the status endpoint shows both).
+
+A write or delete that changes a grant's state appends its event (docs/webhooks.md) to the
+events stream in the same script, so the event is stored before the change is acknowledged
+(``c``, the creation time in clear, tells a replaced grant from a refreshed one). On
+a Redis Cluster the stream is in another slot than the grant: the event is appended right
+after the script instead (ordered, not atomic: a process killed between the two loses it).
 
 The indexes a write updates live in ``broker/schedule.py``, locks in ``broker/locks.py``,
 pending authorizations in ``broker/pending.py``; all share one client, ``Keys`` and ``Guard``.
@@ -18,6 +24,7 @@ pending authorizations in ``broker/pending.py``; all share one client, ``Keys`` 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 import zlib
@@ -47,7 +54,7 @@ from broker.config import (
 from broker.crypto import KeyRing, grant_aad
 from broker.errors import GrantUnreadable, StoreUnavailable
 from broker.metrics import Metrics
-from broker.models import Grant
+from broker.models import Grant, iso_ms
 
 if TYPE_CHECKING:
     from broker.schedule import ScheduleIndex
@@ -58,6 +65,10 @@ REDIS_RETRIES = 2
 INCARNATION_BITS = 32
 _MEMBER = re.compile(r"[A-Za-z0-9_-]+")  # base64url without padding
 REDIS_HEALTH_CHECK_INTERVAL = 15
+# Entries the events stream keeps (XADD MAXLEN ~): at a few hundred bytes each, some tens of MB.
+# Trimming does not ask whether a receiver still waits for an entry: a receiver down while
+# more grants than this change state loses the oldest events (docs/webhooks.md).
+EVENTS_MAX_LEN = 100_000
 
 
 def connect(settings: Settings) -> aioredis.Redis:
@@ -155,6 +166,10 @@ class Keys:
     def incarnations_key(self) -> str:
         return f"{self._prefix}:incarnations"
 
+    def events_key(self) -> str:
+        """The stream of grant events (docs/webhooks.md)."""
+        return f"{self._prefix}:events"
+
     def rt_expiry_key(self, provider: str) -> str:
         return f"{self._prefix}:rt-expiry:{provider}"
 
@@ -246,6 +261,9 @@ class GrantStore:
         self._min_replicas = min_replicas
         self._ack_timeout = ack_timeout
         self._fenced_write = redis.register_script(script("fenced_write.lua"))
+        self._delete = redis.register_script(script("delete_grant.lua"))
+        # One script may only name keys of one Redis Cluster slot; the stream is in another.
+        self._atomic_events = not isinstance(redis, RedisCluster)
 
     async def read(self, provider: str, user_id: str) -> Grant | None:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
@@ -296,7 +314,7 @@ class GrantStore:
         confirmation).
         """
         blob = self._keyring.encrypt(grant.to_payload(), grant_aad(grant.provider, grant.user_id))
-        keys = [self.keys.grant_key(grant.provider, grant.user_id)]
+        keys = self._event_keys(self.keys.grant_key(grant.provider, grant.user_id))
         due = "" if grant.next_refresh_at is None else repr(grant.next_refresh_at)
         args: list[str | bytes] = [
             str(expected_version),
@@ -304,6 +322,11 @@ class GrantStore:
             blob,
             due,
             grant.state,
+            repr(grant.created_at),
+            iso_ms(grant.updated_at),
+            _event_data(grant.provider, grant.user_id, grant.last_error),
+            grant.provider,
+            str(EVENTS_MAX_LEN),
         ]
         acked: int | None = None
         with self.guard("write"):
@@ -314,10 +337,13 @@ class GrantStore:
                 await self._fenced_write(keys=keys, args=args, client=pipe)
                 pipe.execute_command("WAIT", self._min_replicas, int(self._ack_timeout * 1000))
                 written, acked = await pipe.execute()
-        if not written:
+        code = int(written[0])
+        if not code:
             return False
-        if int(written) == 2:
+        if code == 2:
             log.info("store.write_recognised", provider=grant.provider, user_id=grant.user_id)
+        elif written[1] and not self._atomic_events:
+            await self._append_event(written[1], grant.provider, written[2])
         if acked is not None and int(acked) < self._min_replicas:
             self._metrics.replication_unconfirmed.inc()
             log.warning(
@@ -330,12 +356,20 @@ class GrantStore:
         return True
 
     async def delete(self, provider: str, user_id: str) -> bool:
+        """Delete a grant, recording ``grant.deleted``; False if there was none."""
+        keys = self._event_keys(self.keys.grant_key(provider, user_id))
+        args = [iso_ms(time.time()), _event_data(provider, user_id, None), provider]
         with self.guard("delete"):
+            # Not pipelined with the index updates: a cluster pipeline runs no scripts.
+            removed: list[Any] = await self._delete(keys=keys, args=[*args, EVENTS_MAX_LEN])
             pipe = self.redis.pipeline(transaction=False)
-            pipe.delete(self.keys.grant_key(provider, user_id))
             self.schedule.unindex(pipe, provider, member(user_id))
-            removed: list[Any] = await pipe.execute()
-        return bool(removed[0])
+            await pipe.execute()
+        if not int(removed[0]):
+            return False
+        if not self._atomic_events:
+            await self._append_event(b"grant.deleted", provider, removed[1])
+        return True
 
     async def ping(self) -> float:
         """Round-trip time to Redis in milliseconds."""
@@ -343,3 +377,30 @@ class GrantStore:
         with self.guard("ping"):
             await self.redis.ping()
         return (time.perf_counter() - started) * 1000
+
+    def _event_keys(self, grant_key: str) -> list[str]:
+        return [grant_key, self.keys.events_key()] if self._atomic_events else [grant_key]
+
+    async def _append_event(self, event_type: bytes, provider: str, body: bytes) -> None:
+        """The Redis Cluster fallback: the event right after its grant write, before the caller
+        is answered. The grant is written whatever happens here, so a failure is logged and
+        counted, not raised: the event is lost."""
+        try:
+            with self.guard("event"):
+                await self.redis.xadd(
+                    self.keys.events_key(),
+                    {"type": event_type, "provider": provider, "body": body},
+                    maxlen=EVENTS_MAX_LEN,
+                    approximate=True,
+                )
+        except StoreUnavailable:
+            log.error("store.event_lost", provider=provider, event=event_type.decode())
+
+
+def _event_data(provider: str, user_id: str, last_error: str | None) -> str:
+    """An event's ``data`` object but its closing brace and ``state`` (the script adds them)."""
+    return json.dumps(
+        {"provider": provider, "user_id": user_id, "last_error": last_error},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )[:-1]

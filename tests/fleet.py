@@ -73,8 +73,10 @@ def replica_config(
     api_key: str,
     port: int,
     settings: Mapping[str, TomlScalar],
+    tables: str = "",
 ) -> str:
-    """A TOML configuration for one replica; ``settings`` are extra top-level settings."""
+    """A TOML configuration for one replica; ``settings`` are extra top-level settings,
+    ``tables`` more TOML tables (``[[webhooks]]``)."""
     top: dict[str, TomlScalar] = {
         "redis_url": redis_url,
         "key_prefix": "fleet",
@@ -96,6 +98,7 @@ key_sha256 = "{hash_key(api_key)}"
 providers = ["dev"]
 permissions = ["tokens:read", "grants:write", "grants:read"]
 """)
+    lines.append(tables)
     return "\n".join(lines)
 
 
@@ -120,7 +123,7 @@ async def start_fleet(
             port = free_port()
             config = tmp_path / f"broker-{i}.toml"
             config.write_text(
-                replica_config(provider, redis_url, api_key, port, settings) + extra_toml
+                replica_config(provider, redis_url, api_key, port, settings, extra_toml)
             )
             log = tmp_path / f"broker-{i}.log"
             with log.open("wb") as out:

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as syncredis
@@ -124,6 +125,10 @@ async def test_grants_refresh_and_revoke_on_a_cluster(
     assert status == 204
     assert headers["Broker-Revocation"] == "revoked"
     assert (await broker.grant("u-0"))[0] == 404
+    # events (docs/webhooks.md): the stream is in another slot, appended after each script
+    entries: Any = await store.redis.xrange(store.keys.events_key())
+    types = [fields[b"type"] for _, fields in entries]
+    assert types == [b"grant.connected"] * USERS + [b"grant.deleted"]
 
 
 async def test_grant_listing_covers_every_primary_of_a_cluster(

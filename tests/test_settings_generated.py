@@ -33,6 +33,7 @@ from broker.settings_docs import (
     generated,
 )
 from broker.settings_types import settings_of
+from broker.settings_webhooks import WebhookSettings
 
 STALE = "{path} is stale: the settings models changed. Run `{command}` and commit the result."
 
@@ -52,11 +53,11 @@ def test_the_documentation_has_a_generated_table_for_each_model() -> None:
     assert text.count("<!-- settings:end -->") == len(TABLES)
     for model in TABLES.values():
         for setting in settings_of(model):
-            if setting not in ("providers", "clients"):
+            if setting not in ("providers", "clients", "webhooks"):
                 assert f"| `{setting}` |" in text, f"{model.__name__}.{setting} is not documented"
 
 
-@pytest.mark.parametrize("model", [Settings, ProviderSettings, ClientSettings])
+@pytest.mark.parametrize("model", [Settings, ProviderSettings, ClientSettings, WebhookSettings])
 def test_every_setting_has_a_description(model: type[Settings]) -> None:
     missing = [name for name, field in settings_of(model).items() if not field.description]
     assert not missing, f"{model.__name__}: give these fields a description: {missing}"
@@ -64,9 +65,10 @@ def test_every_setting_has_a_description(model: type[Settings]) -> None:
 
 def test_the_chart_passes_every_setting_through_but_its_own() -> None:
     config = json.loads(CHART_SCHEMA.read_text(encoding="utf-8"))["properties"]["config"]
-    expected = set(settings_of(Settings)) - set(CHART_OWNED) - {"providers", "clients"}
+    tables = {"providers", "clients", "webhooks"}
+    expected = set(settings_of(Settings)) - set(CHART_OWNED) - tables
     assert set(config["properties"]) == expected
-    assert set(config["propertyNames"]["not"]["enum"]) == {*CHART_OWNED, "providers", "clients"}
+    assert set(config["propertyNames"]["not"]["enum"]) == {*CHART_OWNED, *tables}
     assert config == chart_config_schema()
 
 

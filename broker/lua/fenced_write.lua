@@ -1,14 +1,40 @@
 -- Write a grant record only if it is still at the version the writer read (0 = absent).
--- KEYS[1] grant hash; ARGV[1] expected version; ARGV[2] new version; ARGV[3] encrypted record
--- (unique per write: a fresh nonce); ARGV[4] next refresh time ('' none); ARGV[5] state.
--- Returns 1 written, 2 already written by this very call (redis-py retried it after its reply
--- was lost), 0 the record is at another version.
+-- KEYS[1] grant hash; KEYS[2] the event stream (absent on a Redis Cluster: the caller appends).
+-- ARGV[1] expected version; ARGV[2] new version; ARGV[3] encrypted record (unique per write: a
+-- fresh nonce); ARGV[4] next refresh time ('' none); ARGV[5] state; ARGV[6] created time;
+-- ARGV[7] event timestamp; ARGV[8] event data without its state ('{"provider":..,"user_id":..,
+-- "last_error":..'); ARGV[9] provider; ARGV[10] the stream's approximate maximum length.
+-- Returns {1, event type, event body} written ('' type: the state did not change), {2} already
+-- written by this very call (redis-py retried it after its reply was lost; its event was
+-- appended then), {0} the record is at another version.
 local current = redis.call('HGET', KEYS[1], 'v')
 if current == ARGV[2] and redis.call('HGET', KEYS[1], 'blob') == ARGV[3] then
-  return 2
+  return {2}
 end
 if (current or '0') ~= ARGV[1] then
-  return 0
+  return {0}
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'blob', ARGV[3], 'due', ARGV[4], 'st', ARGV[5])
-return 1
+local old = redis.call('HMGET', KEYS[1], 'st', 'c')
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'blob', ARGV[3], 'due', ARGV[4], 'st', ARGV[5],
+  'c', ARGV[6])
+-- The event is decided here, where both states are known, whichever code path wrote.
+local new, event = ARGV[5], ''
+if not current or (old[2] and old[2] ~= ARGV[6]) then
+  event = 'grant.connected'  -- a new grant, or one replaced by a new authorization or import
+elseif old[1] ~= new then
+  if new == 'active' then
+    event = old[1] == 'refresh_failing' and 'grant.recovered' or 'grant.connected'
+  else
+    event = 'grant.' .. new
+  end
+end
+if event == '' then
+  return {1, ''}
+end
+local body = '{"type":"' .. event .. '","timestamp":"' .. ARGV[7] .. '","data":' .. ARGV[8]
+  .. ',"state":"' .. new .. '"}}'
+if KEYS[2] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*',
+    'type', event, 'provider', ARGV[9], 'body', body)
+end
+return {1, event, body}

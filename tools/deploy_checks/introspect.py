@@ -8,16 +8,19 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from broker.config import ProviderSettings, Settings
 from broker.metrics import Metrics
+from broker.settings_webhooks import WebhookSettings
 
 
 def schema_matches_broker(schema_path: str) -> bool:
     """(Run with the image's Python.) values.schema.json knows exactly broker's settings:
     config = the top-level settings minus the chart's own, providers.<name> = the provider
-    settings minus an inline client_secret, plus the chart's clientSecret and public."""
+    settings minus an inline client_secret, plus the chart's clientSecret and public;
+    webhooks[] = the webhook settings minus the secret ones, plus the chart's signingSecret."""
     schema = json.loads(pathlib.Path(schema_path).read_text())["properties"]
     chart_owned = {"host", "port", "redis_url", "encryption_keys_file", "encryption_keys_env"}
     top = set(Settings.model_fields) - {"encryption_keys", "ephemeral_encryption_key"}
-    top = (top | {"encryption_keys_file", "encryption_keys_env"}) - {"providers", "clients"}
+    tables = {"providers", "clients", "webhooks"}
+    top = (top | {"encryption_keys_file", "encryption_keys_env"}) - tables
     prov = set(ProviderSettings.model_fields) - {"name", "client_secret"}
     prov |= {"client_secret_env", "client_secret_file"}
     in_schema = set(schema["config"]["properties"])
@@ -38,9 +41,19 @@ def schema_matches_broker(schema_path: str) -> bool:
         f"providers.<name>.{k}: in {schema_path}, not a broker setting"
         for k in sorted(prov_schema - prov)
     ]
+    hook = set(WebhookSettings.model_fields) - {"secret", "secret_env", "secret_file"}
+    hook_schema = set(schema["webhooks"]["items"]["properties"]) - {"signingSecret"}
+    problems += [
+        f"webhooks[].{k}: a broker setting missing from {schema_path}"
+        for k in sorted(hook - hook_schema)
+    ]
+    problems += [
+        f"webhooks[].{k}: in {schema_path}, not a broker setting"
+        for k in sorted(hook_schema - hook)
+    ]
     for problem in problems:
         print(problem)
-    print(f"{len(top)} top-level and {len(prov)} provider settings")
+    print(f"{len(top)} top-level, {len(prov)} provider and {len(hook)} webhook settings")
     return not problems
 
 

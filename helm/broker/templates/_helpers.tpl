@@ -150,6 +150,9 @@ app.kubernetes.io/component: redis-dev
 {{- if not (or $p.public (hasKey $p "client_secret_env") (hasKey $p "client_secret_file")) -}}true{{- end -}}
 {{- end -}}
 
+{{/* Webhook keys that belong to the chart, not to broker.toml. */}}
+{{- define "broker.chartWebhookKeys" -}}signingSecret{{- end -}}
+
 {{/* broker.toml, without clients (those are in the Secret: clients.toml). */}}
 {{- define "broker.toml" -}}
 # broker.toml rendered by the {{ include "broker.chart" . }} chart; settings are described
@@ -176,6 +179,16 @@ encryption_keys_file = "/etc/broker/secrets/encryption-keys"
 {{- if include "broker.providerSecretFromFile" (dict "provider" $provider) }}
 client_secret_file = {{ printf "/etc/broker/secrets/provider-%s-client-secret" $name | toJson }}
 {{- end }}
+{{- end }}
+{{- range $hook := .Values.webhooks }}
+
+[[webhooks]]
+{{- range $key, $value := $hook }}
+{{- if and (not (has $key (splitList " " (include "broker.chartWebhookKeys" $)))) (not (kindIs "invalid" $value)) }}
+{{ $key }} = {{ include "broker.tomlValue" $value }}
+{{- end }}
+{{- end }}
+secret_file = {{ printf "/etc/broker/secrets/webhook-%s-secret" $hook.name | toJson }}
 {{- end }}
 {{- end -}}
 
@@ -212,6 +225,14 @@ rate_limit = { requests_per_second = {{ include "broker.tomlValue" .requests_per
 {{- end -}}
 {{- if and .Values.existingSecret (or .Values.encryptionKeys .Values.clients) -}}
 {{- fail "broker: with existingSecret, encryption keys and clients come from that Secret (keys encryption-keys and clients.toml): unset encryptionKeys and clients" -}}
+{{- end -}}
+{{- range $hook := .Values.webhooks -}}
+{{- if and $.Values.existingSecret $hook.signingSecret -}}
+{{- fail (printf "broker: webhooks %s: signingSecret cannot be used with existingSecret: put it in that Secret under webhook-%s-secret" $hook.name $hook.name) -}}
+{{- end -}}
+{{- if and (not $.Values.existingSecret) (not $hook.signingSecret) -}}
+{{- fail (printf "broker: webhooks %s needs signingSecret (whsec_<base64>), or existingSecret" $hook.name) -}}
+{{- end -}}
 {{- end -}}
 {{- range $name, $p := .Values.providers -}}
 {{- if and $.Values.existingSecret $p.clientSecret -}}
