@@ -23,6 +23,7 @@ from aiohttp import web
 from broker import api
 from broker.auth import Authenticator
 from broker.authorize import AuthorizationService
+from broker.census import KeyCensus
 from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.grants import GrantService
@@ -80,6 +81,7 @@ def create_app(settings: Settings, *, clock: Clock = time.time) -> web.Applicati
     app[DRAIN] = DrainBudget()
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(_census)
     app.cleanup_ctx.append(_scheduler)  # registered last: stops first
     app.on_shutdown.append(_stop_accepting)
     api.add_routes(app)
@@ -184,6 +186,21 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # token in hand gets its write.
     await refresher.drain(max(_drain_left(app), settings.redis_timeout))
     await session.close()
+
+
+async def _census(app: web.Application) -> AsyncIterator[None]:
+    """The rolling count behind ``broker_records_by_key`` (see broker/census.py)."""
+    interval = app[api.SETTINGS].key_census_interval
+    if not interval:
+        yield
+        return
+    store = app[api.STORE]
+    census = KeyCensus(store.redis, store.keys, app[api.KEYRING], app[api.METRICS], store.guard)
+    stop = asyncio.Event()
+    task = asyncio.create_task(census.run(interval, stop), name="key-census")
+    yield
+    stop.set()
+    await task
 
 
 async def _scheduler(app: web.Application) -> AsyncIterator[None]:

@@ -44,7 +44,7 @@ from broker.config import (
     cluster_nodes,
     sentinel_target,
 )
-from broker.crypto import KeyRing, grant_aad
+from broker.crypto import KeyRing, grant_aad, record_key_id
 from broker.errors import GrantUnreadable, StoreUnavailable
 from broker.metrics import Metrics
 from broker.models import Grant
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from broker.schedule import ScheduleIndex
 
 log = structlog.get_logger(__name__)
+security = structlog.get_logger("broker.security")
 
 REDIS_RETRIES = 2
 INCARNATION_BITS = 32
@@ -152,6 +153,10 @@ class Keys:
     def authorization_key(self, state_hash: str) -> str:
         return f"{self._prefix}:authz:{state_hash}"
 
+    def census_key(self) -> str:
+        """The published count of records per encryption key id (``broker/census.py``)."""
+        return f"{self._prefix}:records-by-key"
+
     def incarnations_key(self) -> str:
         return f"{self._prefix}:incarnations"
 
@@ -245,8 +250,16 @@ class GrantStore:
         try:
             payload = self._keyring.decrypt(blob, grant_aad(provider, user_id))
             return Grant.from_payload(provider, user_id, int(version), payload)
-        except GrantUnreadable:
+        except GrantUnreadable as err:
             self._metrics.grants_unreadable.labels(provider).inc()
+            security.error(
+                "record.unreadable",
+                kind="grant",
+                provider=provider,
+                user_id=user_id,
+                key_id=record_key_id(blob) or "(unknown format)",
+                reason=err.detail,
+            )
             raise
 
     async def version(self, provider: str, user_id: str) -> int:
