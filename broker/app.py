@@ -37,7 +37,7 @@ from broker.providers import ProviderRegistry
 from broker.refresh import Refresher
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
-from broker.store import GrantStore, Guard, Keys, connect
+from broker.store import GrantStore, Guard, Keys, close, connect
 
 log = structlog.get_logger("broker")
 
@@ -114,7 +114,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
             "encryption.ephemeral_key", detail="no BROKER_ENCRYPTION_KEYS: using a throwaway key"
         )
     yield
-    await redis.aclose()
+    await close(redis)  # behind Sentinel, the sentinels' connections too
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:

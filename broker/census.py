@@ -113,7 +113,7 @@ class KeyCensus:
         if self._started is None:
             self._started = self._clock()
             self._counts = Counter()
-        nodes = primaries(self._redis)
+        nodes = await primaries(self._redis)
         kind = KINDS[self._kind]
         node = nodes[self._node % len(nodes)]
         self._cursor, found = await scan(

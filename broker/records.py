@@ -58,10 +58,10 @@ KINDS: tuple[RecordKind, ...] = (
 )
 
 
-def primaries(redis: aioredis.Redis) -> list[Node]:
+async def primaries(redis: aioredis.Redis) -> list[Node]:
     """The nodes a full walk visits: each Redis Cluster primary (name order), else ``[None]``."""
     if isinstance(redis, RedisCluster):
-        cluster: Any = redis
+        cluster: Any = await redis.initialize()  # learns the nodes on first use; then a no-op
         return sorted(cluster.get_primaries(), key=lambda node: str(node.name))
     return [None]
 

@@ -92,7 +92,7 @@ class Rekeyer:
         """How many keys a run will look at (a SCAN pass reading no value): for progress."""
         found = 0
         for kind in KINDS:
-            for node in primaries(self._redis):
+            for node in await primaries(self._redis):
                 cursor = -1
                 while cursor:
                     cursor, keys = await scan(
@@ -104,7 +104,7 @@ class Rekeyer:
     async def run(self) -> RekeyReport:
         """Walk every record once (until ``limit`` rewrites); RedisError propagates."""
         for kind in KINDS:
-            for node in primaries(self._redis):
+            for node in await primaries(self._redis):
                 if not await self._walk(kind, node):
                     return self.report
         self.report.complete = True

@@ -26,7 +26,7 @@ from broker.census import publish
 from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.rekey import Rekeyer, RekeyReport
-from broker.store import Keys, connect
+from broker.store import Keys, close, connect
 
 audit = structlog.get_logger("broker.audit")
 
@@ -122,7 +122,7 @@ async def _run(
             await publish(redis, keys, report.by_key, started)
         return report
     finally:
-        await redis.aclose()
+        await close(redis)
 
 
 class _Progress:

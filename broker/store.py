@@ -114,6 +114,15 @@ def connect(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+async def close(redis: aioredis.Redis) -> None:
+    """Close a client from ``connect``, and behind Sentinel the sentinels' own connections too
+    (closing the primary's client leaves those open)."""
+    await redis.aclose()
+    manager = getattr(getattr(redis, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
+
+
 def member(user_id: str) -> str:
     """A user id as a key part: base64url without padding, injective and brace-free."""
     return base64.urlsafe_b64encode(user_id.encode()).rstrip(b"=").decode()

@@ -59,7 +59,7 @@ async def key_ids(redis: aioredis.Redis, keys: Keys) -> Counter[str]:
     """How many stored records (every kind) name each key id ("?" for an unknown format)."""
     found: Counter[str] = Counter()
     for kind in KINDS:
-        for node in primaries(redis):
+        for node in await primaries(redis):
             cursor = -1
             while cursor:
                 cursor, names = await scan(redis, node, max(cursor, 0), kind.pattern(keys), 500)
