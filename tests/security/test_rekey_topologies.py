@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 import redis as syncredis
 
 from broker.api import KEYRING, STORE
@@ -95,7 +96,9 @@ client_secret = "not-used-here"
 """
 
 
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT])
 async def test_a_killed_run_leaves_every_record_readable_and_a_rerun_finishes(
+    stop: signal.Signals,
     make_broker: BrokerFactory,
     provider: DevProvider,
     redis_server: RedisServer,
@@ -120,8 +123,12 @@ async def test_a_killed_run_leaves_every_record_readable_and_a_rerun_finishes(
     async with asyncio.timeout(60):
         while not (await first.stderr.readline()).startswith(b"rekey: "):
             pass  # JSON log lines, until the first progress line
-    first.send_signal(signal.SIGKILL)
-    await first.wait()
+    first.send_signal(stop)
+    summary, rest = await first.communicate()
+    if stop == signal.SIGINT:  # Ctrl-C: a summary of what was done, and how to go on
+        assert first.returncode == 130, rest
+        assert summary.startswith(b"rekey interrupted:")
+        assert b"run `broker rekey` again: it resumes" in rest
 
     keyring = KeyRing(parse_encryption_keys(f"{new},{old}"))
     store = before.app[STORE]
