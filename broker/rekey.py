@@ -51,6 +51,7 @@ class RekeyReport:
     old_key_writes: int = 0  # records a writer rewrote under an old key during the run
     complete: bool = False  # every record was looked at
     limited: bool = False  # the limit of rewrites left some under another key
+    interrupted: bool = False  # stopped on request (Ctrl-C) after a whole batch
     by_key: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -74,6 +75,7 @@ class Rekeyer:
         ack_timeout: float = 1.0,
         scan_count: int = SCAN_COUNT,
         on_progress: Callable[[RekeyReport], None] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -84,6 +86,7 @@ class Rekeyer:
         self._ack_ms = int(ack_timeout * 1000)
         self._count = scan_count
         self._on_progress = on_progress or (lambda report: None)
+        self._stop = stop or asyncio.Event()
         self._swap = redis.register_script(script("reencrypt.lua"))
         self._slots = asyncio.Semaphore(SWAPS_IN_FLIGHT)
         self.report = RekeyReport()
@@ -126,6 +129,9 @@ class Rekeyer:
                 )
             )
             self._on_progress(self.report)
+            if self._stop.is_set():
+                self.report.interrupted = True
+                return False
             if self._budget is not None and self._budget <= 0 and cursor:
                 self.report.limited = True
                 return False

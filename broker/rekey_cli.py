@@ -5,7 +5,9 @@ status, which is 0 only when every record is under the primary key."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -77,6 +79,10 @@ def rekey(
             file=err,
         )
         return REMAINING
+    if report.interrupted:
+        _finish(report, options, "interrupted", keyring, out)
+        print("broker: interrupted; run `broker rekey` again: it resumes", file=err)
+        return INTERRUPTED
     if report.unreadable:
         outcome, status = "unreadable", UNREADABLE
     elif report.clean:
@@ -101,6 +107,8 @@ async def _run(
     try:
         keys = Keys(settings.key_prefix, settings.schedule_shards)
         shown = _Progress(err, options.quiet)
+        stop = asyncio.Event()
+        _stop_on_sigint(stop)
         rekeyer = Rekeyer(
             redis,
             keys,
@@ -110,6 +118,7 @@ async def _run(
             min_replicas=settings.min_replicas_to_ack,
             ack_timeout=settings.replica_ack_timeout,
             on_progress=shown.update,
+            stop=stop,
         )
         holder.append(rekeyer.report)
         if not options.quiet:
@@ -123,6 +132,20 @@ async def _run(
         return report
     finally:
         await close(redis)
+
+
+def _stop_on_sigint(stop: asyncio.Event) -> None:
+    """The first Ctrl-C stops after the batch in hand (an exact summary); a second one, the
+    default way. Only the main thread can take signals (tests run this in another)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+
+    def first() -> None:
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)
+
+    loop.add_signal_handler(signal.SIGINT, first)
 
 
 class _Progress:

@@ -117,7 +117,10 @@ async def test_a_killed_run_leaves_every_record_readable_and_a_rerun_finishes(
     command = [sys.executable, "-m", "broker", "rekey", "--config", str(config)]
 
     first = await asyncio.create_subprocess_exec(
-        *command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *command,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert first.stderr is not None
     async with asyncio.timeout(60):
@@ -125,7 +128,7 @@ async def test_a_killed_run_leaves_every_record_readable_and_a_rerun_finishes(
             pass  # JSON log lines, until the first progress line
     first.send_signal(stop)
     summary, rest = await first.communicate()
-    if stop == signal.SIGINT:  # Ctrl-C: a summary of what was done, and how to go on
+    if stop == signal.SIGINT:  # Ctrl-C: stops after the batch in hand, says what was done
         assert first.returncode == 130, rest
         assert summary.startswith(b"rekey interrupted:")
         assert b"run `broker rekey` again: it resumes" in rest
