@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from tests.conftest import (
 )
 from tests.security.rekeying import key_ids, new_key, run_rekey
 from tests.test_cluster import cluster  # noqa: F401  (the fixture)
-from tests.test_grant_listing import grant, seed
+from tests.test_grant_listing import grant, record, seed
 from tests.test_sentinel import SentinelSetup, sentinel_setup  # noqa: F401  (the fixture)
 
 
@@ -159,3 +160,46 @@ async def _all_blobs(redis: object, keys: Keys, users: list[str]) -> dict[str, o
     for user in users:
         pipe.hget(keys.grant_key("dev", user), "blob")
     return dict(zip(users, await pipe.execute(), strict=True))
+
+
+def test_the_command_line_options(
+    provider: DevProvider, redis_server: RedisServer, key_prefix: str, tmp_path: Path
+) -> None:
+    old, new = new_key("kold"), new_key("knew")
+    keyring = KeyRing(parse_encryption_keys(old))
+    client = syncredis.Redis.from_url(redis_server.url)
+    keys = Keys(key_prefix)
+    for i in range(5):
+        fields = record(keyring, grant(f"u-{i}"))
+        client.hset(keys.grant_key("dev", f"u-{i}"), mapping=fields)  # type: ignore[arg-type]
+    client.close()
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        CONFIG.format(
+            token_url=provider.token_url, redis_url=redis_server.url, key_prefix=key_prefix
+        ),
+        encoding="utf-8",
+    )
+    env = {**os.environ, "BROKER_ENCRYPTION_KEYS": f"{new},{old}"}
+
+    def rekey(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", "rekey", "--config", str(config), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    dry = rekey("--dry-run")
+    assert dry.returncode == 1
+    assert "rekey dry_run (dry run: nothing written):" in dry.stdout
+    assert "5 record(s) are under another key than knew" in dry.stderr
+    limited = rekey("--limit", "2", "--quiet")
+    assert (limited.returncode, limited.stdout) == (1, "")
+    assert "stopped at --limit" in limited.stderr
+    assert rekey("--limit", "0").returncode == 2  # refused by the option parser
+    done = rekey()
+    assert done.returncode == 0, done.stderr
+    assert "every record is under key knew" in done.stdout
