@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import structlog
 
+from broker.census import key_label
 from broker.crypto import KeyRing, record_key_id
 from broker.errors import GrantUnreadable
 from broker.records import KINDS, Node, RecordKind, primaries, read_blobs, scan
@@ -49,6 +50,7 @@ class RekeyReport:
     unreadable: int = 0
     remaining: int = 0
     old_key_writes: int = 0  # records a writer rewrote under an old key during the run
+    unconfirmed: int = 0  # swaps fewer than min_replicas_to_ack replicas confirmed in time
     complete: bool = False  # every record was looked at
     limited: bool = False  # the limit of rewrites left some under another key
     interrupted: bool = False  # stopped on request (Ctrl-C) after a whole batch
@@ -159,7 +161,7 @@ class Rekeyer:
                 plaintext = self._ring.decrypt(blob, aad)
             except GrantUnreadable as err:
                 report.unreadable += 1
-                report.by_key[self._ring.known_key_id(blob) or "(unknown)"] += 1
+                report.by_key[key_label(self._ring, blob)] += 1
                 self._log_unreadable(kind, key, kid, err.detail)
                 return
             if self._budget is not None and self._budget <= 0:
@@ -181,7 +183,7 @@ class Rekeyer:
                 return
             blob = again
         report.remaining += 1
-        report.by_key[self._ring.known_key_id(blob) or "(unknown)"] += 1
+        report.by_key[key_label(self._ring, blob)] += 1
 
     async def _replace(self, kind: RecordKind, key: str, old: bytes, new: bytes) -> bool:
         args: list[str | bytes] = [kind.field, old, new]
@@ -192,7 +194,9 @@ class Rekeyer:
             pipe = self._redis.pipeline(transaction=False)
             await self._swap(keys=[key], args=args, client=pipe)
             pipe.execute_command("WAIT", self._min_replicas, self._ack_ms)
-            swapped, _acked = await pipe.execute()
+            swapped, acked = await pipe.execute()
+            if swapped and int(acked) < self._min_replicas:
+                self.report.unconfirmed += 1  # written; a failover now could undo it
             return bool(swapped)
 
     def _log_unreadable(self, kind: RecordKind, key: str, kid: str | None, reason: str) -> None:

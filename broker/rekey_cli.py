@@ -247,6 +247,8 @@ def _finish(
     ]
     if not options.dry_run:
         rows.append(("left under another key", report.remaining))
+    if report.unconfirmed:  # a failover now could undo those: a --dry-run afterwards tells
+        rows.append(("unconfirmed by replicas", report.unconfirmed))
     print(f"rekey {outcome}{' (dry run: nothing written)' if options.dry_run else ''}:", file=out)
     for name, count in rows:
         print(f"  {name + ':':<30}{count:>10}", file=out)

@@ -96,7 +96,9 @@ async def test_rekey_while_two_replicas_serve_and_refresh(
     stop = asyncio.Event()
     load = asyncio.create_task(traffic(replicas, users, stop))
     try:
+        during = provider.refresh_requests
         run = await run_rekey(replicas[0].settings)
+        during = provider.refresh_requests - during
         refreshes = provider.refresh_requests
         await eventually(
             lambda: _true(provider.refresh_requests > refreshes + 10), "refreshes after", 20
@@ -106,6 +108,7 @@ async def test_rekey_while_two_replicas_serve_and_refresh(
         statuses = await load
     assert run.status == 0, run.err
     assert "every record is under key knew" in run.out
+    assert during > 0  # the replicas refreshed (rotating refresh tokens) while it ran
     assert set(statuses) == {200}
     assert provider.reused_refresh_tokens == 0
     store = store_of(replicas[0])
