@@ -4,6 +4,8 @@ dev provider (a refresh token presented twice revokes the grant)."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -223,7 +225,7 @@ async def test_the_swap_script_replaces_only_the_exact_ciphertext_read(
 
 
 async def test_a_limited_run_resumes_and_a_rerun_is_idempotent(
-    make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
+    make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str, log_file: Path
 ) -> None:
     old, new = new_key("kold"), new_key("knew")
     common = {"redis_url": redis_server.url, "key_prefix": key_prefix}
@@ -245,6 +247,19 @@ async def test_a_limited_run_resumes_and_a_rerun_is_idempotent(
     assert (_row(third.out, "rewritten"), _row(third.out, "already current")) == (0, 30)
     for i in range(30):
         assert (await replica.token(f"u-{i}"))[1]["access_token"] == f"at-u-{i}"
+    audit = [e for e in _events(log_file) if e["event"] == "rekey.finish"][-3:]
+    assert [e["logger"] for e in audit] == ["broker.audit"] * 3
+    assert [(e["outcome"], e["rewritten"], e["remaining"]) for e in audit] == [
+        ("incomplete", 10, 20),
+        ("complete", 20, 0),
+        ("complete", 0, 0),
+    ]
+    assert {e["primary_key_id"] for e in audit} == {"knew"}
+
+
+def _events(log_file: Path) -> list[dict[str, Any]]:
+    with log_file.open(encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.startswith("{")]
 
 
 def _row(summary: str, name: str) -> int:
