@@ -77,3 +77,16 @@ async def test_a_pass_is_bounded_steps_and_an_older_count_never_replaces_a_newer
     assert not await publish(store.redis, store.keys, {"k1": 1}, started=1.0)  # older: refused
     await census.show()
     assert metrics.registry.get_sample_value("broker_records_by_key", {"key_id": "k1"}) == 60
+
+
+async def test_the_census_runs_on_the_embedded_store_and_on_redis(
+    make_broker: BrokerFactory, store_url: dict[str, str]
+) -> None:
+    broker = await make_broker(key_census_interval=0.05, **store_url)
+    for user in ("a", "b"):
+        await broker.import_grant(user, refresh_token="rt", access_token="at", expires_in=600)
+
+    async def counted() -> bool:
+        return await scraped(broker) == {"k1": 2}
+
+    await eventually(counted, "the census on this store", within=20)
