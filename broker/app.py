@@ -28,6 +28,7 @@ from broker.app_store import AppTokenStore
 from broker.apptokens import AppTokenService
 from broker.auth import Authenticator
 from broker.authorize import AuthorizationService
+from broker.census import KeyCensus
 from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.grants import GrantService
@@ -43,7 +44,7 @@ from broker.refresh import Refresher
 from broker.reload import Reloader
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
-from broker.store import GrantStore, Guard, Keys, connect
+from broker.store import GrantStore, Guard, Keys, close, connect
 from broker.tls import client_context
 from broker.webhooks.delivery import WebhookService
 from broker.webhooks.expiring import ExpiryWatch
@@ -100,6 +101,7 @@ def create_app(
     app.cleanup_ctx.append(_services)
     app.cleanup_ctx.append(_app_scheduler)
     app.cleanup_ctx.append(_webhooks)
+    app.cleanup_ctx.append(_census)
     app.cleanup_ctx.append(_scheduler)  # registered last: stops first
     if reload_on_sighup:
         app.cleanup_ctx.append(
@@ -139,7 +141,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
             "encryption.ephemeral_key", detail="no BROKER_ENCRYPTION_KEYS: using a throwaway key"
         )
     yield
-    await redis.aclose()
+    await close(redis)  # behind Sentinel, the sentinels' connections too
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -286,6 +288,21 @@ async def _webhooks(app: web.Application) -> AsyncIterator[None]:
         await watching
     if service is not None:
         await service.stop(_drain_left(app))
+
+
+async def _census(app: web.Application) -> AsyncIterator[None]:
+    """The rolling count behind ``broker_records_by_key`` (see broker/census.py)."""
+    interval = app[api.SETTINGS].key_census_interval
+    if not interval:
+        yield
+        return
+    store = app[api.STORE]
+    census = KeyCensus(store.redis, store.keys, app[api.KEYRING], app[api.METRICS], store.guard)
+    stop = asyncio.Event()
+    task = asyncio.create_task(census.run(interval, stop), name="key-census")
+    yield
+    stop.set()
+    await task
 
 
 async def _scheduler(app: web.Application) -> AsyncIterator[None]:

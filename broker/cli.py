@@ -1,5 +1,5 @@
 """The ``broker`` command: serve, demo, keygen, apikey, check-config, openapi,
-config-schema, grants list."""
+config-schema, grants list, rekey."""
 
 from __future__ import annotations
 
@@ -89,6 +89,30 @@ def main(argv: list[str] | None = None) -> None:
         help="only grants in this state",
     )
     listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    rekey = commands.add_parser(
+        "rekey",
+        help="re-encrypt every record under the first key of BROKER_ENCRYPTION_KEYS",
+        description="Re-encrypt every stored record (grants, pending authorizations) under the "
+        "first key of BROKER_ENCRYPTION_KEYS while the service runs; a record a replica changes "
+        "meanwhile is never overwritten. Resumable and idempotent: run it again after an "
+        "interruption. Exit status: 0 every record is under the first key; 1 some are not yet "
+        "(dry run, --limit, Redis failed, records kept changing); 2 unusable configuration; 3 "
+        "records that cannot be decrypted (counted, never shown).",
+    )
+    rekey.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("BROKER_CONFIG"),
+        help="TOML file (default: $BROKER_CONFIG)",
+    )
+    rekey.add_argument("--dry-run", action="store_true", help="count only; write nothing")
+    rekey.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary")
+    rekey.add_argument(
+        "--limit",
+        type=_at_least(1),
+        metavar="N",
+        help="stop after re-encrypting N records (spread the work over several runs)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "keygen":
@@ -117,6 +141,18 @@ def main(argv: list[str] | None = None) -> None:
         settings = _settings(args.config)
         configure_logging(settings.log_format, settings.log_level)  # stderr: stdout is data
         raise SystemExit(list_grants(settings, args.provider, args.state, as_json=args.json))
+    elif args.command == "rekey":
+        from broker.logs import configure_logging
+        from broker.rekey_cli import RekeyOptions
+        from broker.rekey_cli import rekey as run_rekey
+
+        settings = _settings(args.config)
+        configure_logging(settings.log_format, settings.log_level)  # stderr
+        raise SystemExit(
+            run_rekey(
+                settings, RekeyOptions(dry_run=args.dry_run, quiet=args.quiet, limit=args.limit)
+            )
+        )
     elif args.command == "demo":
         from broker.demo import DemoOptions, run
 

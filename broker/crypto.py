@@ -44,6 +44,15 @@ def new_key() -> str:
     return f"{kid}:{base64.b64encode(os.urandom(32)).decode()}"
 
 
+def record_key_id(blob: bytes) -> str | None:
+    """The key id a record's header names (printable, at most 64 characters: a record may be
+    forged), or None when its format version is not known."""
+    if len(blob) < 2 or blob[0] != FORMAT_VERSION:
+        return None
+    kid = blob[2 : 2 + blob[1]].decode("ascii", errors="replace")
+    return "".join(c if c.isprintable() else "?" for c in kid)[:64]
+
+
 class KeyRing:
     """Encrypts with the first key; decrypts with whichever key a record names."""
 
@@ -79,10 +88,18 @@ class KeyRing:
     def key_id_of(self, blob: bytes) -> str:
         return self._split(blob)[0]
 
+    def known_key_id(self, blob: bytes) -> str | None:
+        """The id of the ring's key a record names; None for another key or format (never
+        raises: ids read from a record stay out of metric labels unless configured)."""
+        kid = record_key_id(blob)
+        return kid if kid in self._keys else None
+
     @staticmethod
     def _split(blob: bytes) -> tuple[str, bytes]:
-        if len(blob) < 2 or blob[0] != FORMAT_VERSION:
-            raise GrantUnreadable("record has an unknown format")
+        if len(blob) < 2:
+            raise GrantUnreadable("record is truncated")
+        if blob[0] != FORMAT_VERSION:
+            raise GrantUnreadable(f"record has format version {blob[0]}, which is not known")
         end = 2 + blob[1]
         body = blob[end:]
         if len(body) < NONCE_BYTES + 16:

@@ -86,6 +86,13 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.records_by_key = Gauge(
+            "broker_records_by_key",
+            "Encrypted records (grants, pending authorizations) per encryption key id, from the "
+            "latest complete census; key ids not configured count as (unknown).",
+            ["key_id"],
+            registry=r,
+        )
         self.revocations = Counter(
             "broker_revocations",
             "Revocations at providers by outcome.",

@@ -303,6 +303,14 @@ class Settings(DataclassFields, BaseSettings):
         le=10000,
         description="grant keys one reconciler step checks (per replica)",
     )
+    key_census_interval: Number = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="seconds between two steps of the census of records per encryption key "
+        "(`broker_records_by_key`): each SCANs 1000 keys; a full pass takes `records / 1000` "
+        "steps; 0 turns it off",
+    )
     refresh_token_warn_before: Number = Field(
         default=86400.0,
         ge=0,

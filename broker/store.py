@@ -51,7 +51,7 @@ from broker.config import (
     cluster_nodes,
     sentinel_target,
 )
-from broker.crypto import KeyRing, grant_aad
+from broker.crypto import KeyRing, grant_aad, record_key_id
 from broker.errors import GrantUnreadable, StoreUnavailable
 from broker.metrics import Metrics
 from broker.models import Grant, iso_ms
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from broker.schedule import ScheduleIndex
 
 log = structlog.get_logger(__name__)
+security = structlog.get_logger("broker.security")
 
 REDIS_RETRIES = 2
 INCARNATION_BITS = 32
@@ -124,6 +125,15 @@ def connect(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+async def close(redis: aioredis.Redis) -> None:
+    """Close a client from ``connect``, and behind Sentinel the sentinels' own connections too
+    (closing the primary's client leaves those open)."""
+    await redis.aclose()
+    manager = getattr(getattr(redis, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
+
+
 def member(user_id: str) -> str:
     """A user id as a key part: base64url without padding, injective and brace-free."""
     return base64.urlsafe_b64encode(user_id.encode()).rstrip(b"=").decode()
@@ -162,6 +172,10 @@ class Keys:
 
     def authorization_key(self, state_hash: str) -> str:
         return f"{self._prefix}:authz:{state_hash}"
+
+    def census_key(self) -> str:
+        """The published count of records per encryption key id (``broker/census.py``)."""
+        return f"{self._prefix}:records-by-key"
 
     def incarnations_key(self) -> str:
         return f"{self._prefix}:incarnations"
@@ -212,6 +226,17 @@ class Keys:
     def app_token_pattern(self) -> str:
         """A SCAN pattern matching every app token record of this prefix."""
         return f"{self._prefix}:{{app:*}}:token"
+
+    def parse_app_token_key(self, key: str) -> tuple[str, str] | None:
+        """(provider, scope id) of an app token record's key, or None for a key that only looks
+        like one."""
+        head, tail = f"{self._prefix}:{{app:", "}:token"
+        if not (key.startswith(head) and key.endswith(tail)):
+            return None
+        provider, _, scope_id = key[len(head) : -len(tail)].partition(":")
+        if not provider or not _MEMBER.fullmatch(scope_id):
+            return None
+        return provider, scope_id
 
     def app_lock_key(self, provider: str, scope_id: str) -> str:
         return f"{self._prefix}:{{app:{provider}:{scope_id}}}:lock"
@@ -281,8 +306,16 @@ class GrantStore:
         try:
             payload = self._keyring.decrypt(blob, grant_aad(provider, user_id))
             return Grant.from_payload(provider, user_id, int(version), payload)
-        except GrantUnreadable:
+        except GrantUnreadable as err:
             self._metrics.grants_unreadable.labels(provider).inc()
+            security.error(
+                "record.unreadable",
+                kind="grant",
+                provider=provider,
+                user_id=user_id,
+                key_id=record_key_id(blob) or "(unknown format)",
+                reason=err.detail,
+            )
             raise
 
     async def version(self, provider: str, user_id: str) -> int:

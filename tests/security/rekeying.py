@@ -1,0 +1,69 @@
+"""Helpers of the key-rotation tests: keys, running ``broker rekey`` in process, reading which
+key each stored record is under."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from broker.config import Settings
+from broker.crypto import record_key_id
+from broker.records import KINDS, primaries, read_blobs, scan
+from broker.rekey_cli import RekeyOptions, rekey
+from broker.store import Keys
+from tests.conftest import SECRETS
+
+
+def new_key(kid: str) -> str:
+    material = base64.b64encode(os.urandom(32)).decode()
+    SECRETS.add(material)
+    return f"{kid}:{material}"
+
+
+@dataclass
+class Run:
+    status: int
+    out: str
+    err: str
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def run_rekey(
+    settings: Settings, *, terminal: bool = False, **options: bool | int | None
+) -> Run:
+    """``broker rekey`` in a thread of its own (its own event loop), so the replicas of the
+    test keep serving meanwhile."""
+    out = io.StringIO()
+    err = FakeTerminal() if terminal else io.StringIO()
+    status = await asyncio.to_thread(
+        rekey,
+        settings,
+        RekeyOptions(**options),  # type: ignore[arg-type]
+        out=out,
+        err=err,
+    )
+    return Run(status, out.getvalue(), err.getvalue())
+
+
+async def key_ids(redis: aioredis.Redis, keys: Keys) -> Counter[str]:
+    """How many stored records (every kind) name each key id ("?" for an unknown format)."""
+    found: Counter[str] = Counter()
+    for kind in KINDS:
+        for node in await primaries(redis):
+            cursor = -1
+            while cursor:
+                cursor, names = await scan(redis, node, max(cursor, 0), kind.pattern(keys), 500)
+                for blob in await read_blobs(redis, kind, names):
+                    if isinstance(blob, bytes):
+                        found[record_key_id(blob) or "?"] += 1
+    return found
