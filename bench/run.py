@@ -340,7 +340,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     profiling = []
     if args.profile and args.profile.endswith((".txt", ".html")):  # pip install pyinstrument
         renderer = "html" if args.profile.endswith(".html") else "text"
-        profiling = ["-m", "pyinstrument", "-r", renderer, "-o", args.profile]
+        profiling = ["-m", "pyinstrument", "--show-all", "-r", renderer, "-o", args.profile]
     elif args.profile:
         profiling = ["-m", "cProfile", "-o", args.profile]
     with log_path.open("wb") as log:
@@ -373,7 +373,9 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     }
     for name, (url, pid) in targets.items():  # warm-up: connections, caches, JIT-free Python
         wrk(name, url, pid, wrk_env, 2, args.connections)
-    rows = [["round", "target", "req/s", "p50 ms", "p99 ms", "errors", "server CPU s/s", "ratio"]]
+    rows = [
+        ["round", "target", "req/s", "p50 ms", "p99 ms", "errors", "CPU s/s", "CPU µs/req", "ratio"]
+    ]
     ratios = []
     for n in range(1, args.rounds + 1):
         base = wrk("hello-world", *targets["hello-world"], wrk_env, args.seconds, args.connections)
@@ -395,6 +397,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
                     f"{load.p99_ms:.2f}",
                     str(load.errors),
                     f"{load.cpu:.2f}",
+                    f"{load.cpu / load.rps * 1e6:.0f}",
                     f"{load.rps / base.rps:.2f}",
                 ]
             )

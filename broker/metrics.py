@@ -6,9 +6,15 @@ providers, clients and routes.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from broker import __version__
+
+M = TypeVar("M", bound=MetricWrapperBase)
+MAX_BOUND_CHILDREN = 4096
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -17,6 +23,7 @@ class Metrics:
     """Every metric the broker exports."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry = CollectorRegistry()
         self.http_requests = Counter(
             "broker_http_requests",
@@ -135,6 +142,17 @@ class Metrics:
         Gauge("broker_build_info", "Build information.", ["version"], registry=r).labels(
             __version__
         ).set(1)
+
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, looked up once per label values: on the request path
+        ``labels()`` costs more than the count itself. Bounded; past the bound, unremembered."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = metric.labels(*labels)
+            if len(self._children) < MAX_BOUND_CHILDREN:
+                self._children[key] = found
+        return found  # type: ignore[return-value]  # the child of an M is an M
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

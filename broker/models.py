@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-import unicodedata
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -19,6 +19,9 @@ GrantState = Literal["active", "refresh_failing", "reauth_required"]
 MAX_USER_ID_BYTES = 256
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_SCOPE_CHARS = 4 * 1024
+# Unicode categories Cc (C0, DEL, C1) and Cs (lone surrogates): one regex scan, not a
+# unicodedata lookup per character (tests/test_models.py checks it against unicodedata).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def validate_user_id(user_id: str) -> str:
@@ -26,7 +29,7 @@ def validate_user_id(user_id: str) -> str:
     size = len(user_id.encode("utf-8", errors="surrogatepass"))
     if not 1 <= size <= MAX_USER_ID_BYTES:
         raise InvalidRequest(f"user id must be 1 to {MAX_USER_ID_BYTES} bytes of UTF-8")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in user_id):
+    if _CONTROL.search(user_id):
         raise InvalidRequest("user id must not contain control characters")
     return user_id
 
@@ -187,8 +190,11 @@ class Grant:
                 raise TypeError("a grant record is a JSON object")
             # Fields a newer version added are skipped, so replicas of two versions can share
             # records during a rolling upgrade.
-            known = {f.name for f in fields(cls)}
-            data = {k: v for k, v in data.items() if k in known}
+            if not data.keys() <= _RECORD_FIELDS:
+                data = {k: v for k, v in data.items() if k in _RECORD_FIELDS}
             return cls(provider=provider, user_id=user_id, version=version, **data)
         except (ValueError, TypeError) as err:
             raise GrantUnreadable("stored grant record is malformed") from err
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(Grant)) - {"provider", "user_id", "version"}
