@@ -53,7 +53,7 @@ host = "127.0.0.1"
 port = {port}
 redis_url = "redis://127.0.0.1:{redis_port}/0"
 log_format = "json"
-log_level = "info"
+log_level = "{log_level}"
 
 [providers.dev]
 token_url = "http://127.0.0.1:{provider_port}/token"
@@ -282,6 +282,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="hello-world/broker pairs")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--log-level", default="info", help="broker's log_level (default info)")
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument(
         "--refreshes", type=int, default=0, help="also run bench/refresher.py's throughput"
@@ -326,6 +327,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
             redis_port=redis_port,
             provider_port=provider_port,
             digest=hash_key(api_key),
+            log_level=args.log_level,
         ),
         encoding="utf-8",
     )

@@ -6,9 +6,17 @@ providers, clients and routes.
 
 from __future__ import annotations
 
+import os
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.metrics import MetricWrapperBase
 
 from broker import __version__
@@ -42,6 +50,7 @@ class Metrics:
             "broker_http_requests_in_flight",
             "HTTP requests being served now.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.token_handouts = Counter(
             "broker_token_handouts",
@@ -118,30 +127,44 @@ class Metrics:
             "Age of the oldest due refresh not yet claimed (0 when none is late).",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.grants_due_next_minute = Gauge(
             "broker_grants_due_next_minute",
             "Grants whose refresh is due within 60 s.",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.grants = Gauge("broker_grants", "Grants by state.", ["provider", "state"], registry=r)
+        self.grants = Gauge(
+            "broker_grants",
+            "Grants by state.",
+            ["provider", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.refresh_token_expiring = Gauge(
             "broker_refresh_tokens_expiring",
             "Grants whose refresh token reaches the provider's maximum age within "
             "refresh_token_warn_before.",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.circuit_state = Gauge(
             "broker_provider_circuit_state",
             "Circuit breaker per provider: 0 closed, 1 half-open (probing), 2 open.",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        Gauge("broker_build_info", "Build information.", ["version"], registry=r).labels(
-            __version__
-        ).set(1)
+        Gauge(
+            "broker_build_info",
+            "Build information.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        ).labels(__version__).set(1)
 
     def child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, looked up once per label values: on the request path
@@ -155,4 +178,12 @@ class Metrics:
         return found  # type: ignore[return-value]  # the child of an M is an M
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics; under ``serve --workers N``, all the workers' together
+        (prometheus-client multiprocess mode: counters and histograms summed, gauges as their
+        ``multiprocess_mode`` says)."""
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
