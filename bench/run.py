@@ -38,6 +38,7 @@ import redis
 from broker.auth import hash_key, new_api_key
 from broker.config import parse_encryption_keys
 from broker.crypto import KeyRing, grant_aad, new_key
+from broker.logs import configure_logging
 from broker.models import Grant
 from broker.store import INCARNATION_BITS, Keys, member
 
@@ -151,15 +152,30 @@ class Load:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU seconds of ``pid`` and of its children still running (``serve --workers``)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of ``pid`` and of its children."""
+    total = 0.0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        if status.parent.name == str(pid) or fields.get("PPid", "").strip() == str(pid):
+            total += int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
+    return total
 
 
 def wrk(
@@ -282,6 +298,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="hello-world/broker pairs")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="broker serve --workers N")
     parser.add_argument("--log-level", default="info", help="broker's log_level (default info)")
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument(
@@ -347,7 +364,17 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
         profiling = ["-m", "cProfile", "-o", args.profile]
     with log_path.open("wb") as log:
         broker = procs.start(
-            [sys.executable, *profiling, "-m", "broker", "serve", "--config", str(config)],
+            [
+                sys.executable,
+                *profiling,
+                "-m",
+                "broker",
+                "serve",
+                "--config",
+                str(config),
+                "--workers",
+                str(args.workers),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=log,
             env=env,
@@ -369,9 +396,10 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
         "BENCH_USERS": str(args.grants),
         "BENCH_API_KEY": api_key,
     }
+    token_target = "broker GET token" + (f" ({args.workers} workers)" if args.workers > 1 else "")
     targets = {
         "hello-world": (f"http://127.0.0.1:{hello_port}", hello.pid),
-        "broker GET token": (f"http://127.0.0.1:{broker_port}", broker.pid),
+        token_target: (f"http://127.0.0.1:{broker_port}", broker.pid),
     }
     for name, (url, pid) in targets.items():  # warm-up: connections, caches, JIT-free Python
         wrk(name, url, pid, wrk_env, 2, args.connections)
@@ -381,13 +409,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     ratios = []
     for n in range(1, args.rounds + 1):
         base = wrk("hello-world", *targets["hello-world"], wrk_env, args.seconds, args.connections)
-        tok = wrk(
-            "broker GET token",
-            *targets["broker GET token"],
-            wrk_env,
-            args.seconds,
-            args.connections,
-        )
+        tok = wrk(token_target, *targets[token_target], wrk_env, args.seconds, args.connections)
         ratios.append(tok.rps / base.rps)
         for load in (base, tok):
             rows.append(
@@ -424,6 +446,8 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     ]
     if args.refreshes:
         from refresher import throughput  # bench/, beside this file
+
+        configure_logging("console", "warning")
 
         rate, cpu_per = asyncio.run(
             throughput(f"redis://127.0.0.1:{redis_port}/1", args.refreshes, 32)
