@@ -138,8 +138,10 @@ class _StdlibHandler(logging.Handler):
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """structlog's own pipeline (no standard-library round trip: about a tenth of the cost per
-    line) and stdlib records through the same processors, both to ``stream``."""
+    """structlog's own pipeline (no LogRecord and handler round trip per line, and nothing at
+    all for disabled levels) and stdlib records through the same processors, both to
+    ``stream``. Meant to be called once per process; loggers cached before a later call still
+    follow its stream and format (through ``OUTPUT``), not its level."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Processor] = [

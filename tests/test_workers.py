@@ -147,3 +147,38 @@ def test_workers_need_a_shared_store(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--workers needs a shared store" in result.stderr
+
+
+def test_a_worker_that_dies_stops_the_others_and_the_supervisor_exits_1(
+    tmp_path: Path, redis_server: RedisServer, key_prefix: str
+) -> None:
+    port = free_port()
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        CONFIG.format(port=port, redis_url=redis_server.url, prefix=key_prefix, digest="ab" * 32),
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["BROKER_ENCRYPTION_KEYS"] = new_key()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve", "--workers", "2", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        workers: list[int] = []
+        for _ in range(300):
+            workers = children_of(process.pid)
+            if len(workers) == 2:
+                break
+            assert process.poll() is None
+            time.sleep(0.1)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        assert process.wait(timeout=30) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert not Path(f"/proc/{workers[1]}").exists()
