@@ -249,6 +249,19 @@ def wait_http(url: str, process: subprocess.Popen[bytes], what: str) -> None:
     raise SystemExit(f"{what} did not answer {url}")
 
 
+def check_token(port: int, api_key: str) -> None:
+    """One token request answered as the benchmark expects, before any load: a port taken by
+    another process, or a broker answering errors, would make the figures meaningless."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/tokens/{PROVIDER}/{USER}0",
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+        body = json.load(response)
+    if "access_token" not in body:
+        raise SystemExit(f"broker answered {sorted(body)}, not a token")
+
+
 @contextmanager
 def redis_server(workdir: Path, procs: Processes) -> Iterator[int]:
     binary = shutil.which("redis-server")
@@ -329,6 +342,8 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     encryption_key = new_key()
     api_key = new_api_key()
     provider_port, broker_port, hello_port = free_port(), free_port(), free_port()
+    if len({provider_port, broker_port, hello_port, redis_port}) < 4:
+        raise SystemExit("two services drew the same free port: run again")
     client = redis.Redis(port=redis_port)
     used_before = int(client.info("memory")["used_memory"])
     client.close()
@@ -390,6 +405,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     wait_http(f"http://127.0.0.1:{broker_port}/readyz", broker, "broker")
     wait_http(f"http://127.0.0.1:{hello_port}/", hello, "hello-world")
 
+    check_token(broker_port, api_key)
     wrk_env = {
         **os.environ,
         "BENCH_PATH": f"/v1/tokens/{PROVIDER}/{USER}",
