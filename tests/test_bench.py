@@ -1,4 +1,4 @@
-"""The benchmark's pieces (bench/run.py), not the benchmark: it is run by hand, never in CI."""
+"""The benchmark's pieces (bench/), not the benchmark: it is run by hand, never in CI."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from tests.conftest import RedisServer
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def bench_run() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+def bench_seeding() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_seeding", BENCH / "seeding.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -30,11 +30,11 @@ def bench_run() -> ModuleType:
 
 
 def test_seeded_grants_are_records_broker_reads_as_fresh(own_redis: RedisServer) -> None:
-    run = bench_run()
+    seeding = bench_seeding()
     key = new_key()
     keyring = KeyRing(parse_encryption_keys(key))
     now = time.time()
-    run.seed(own_redis.port, keyring, 3, now)
+    seeding.seed(own_redis.port, keyring, 3, now)
     client = syncredis.Redis(port=own_redis.port)
     keys = Keys()
     for i in range(3):
