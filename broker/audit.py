@@ -9,6 +9,7 @@ field; add an event there when you add one here. Never pass a token, key or secr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,7 +39,13 @@ EVENTS = (
     APP_TOKEN_HANDOUT,
 )
 
-_log = structlog.get_logger(LOGGER)
+# Filtered at info whatever ``log_level`` says: the configured wrapper class would drop these
+# events under ``log_level = "warning"``.
+_log = structlog.wrap_logger(
+    None,
+    wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    logger_factory_args=(LOGGER,),
+)
 
 
 def record(

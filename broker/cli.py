@@ -29,6 +29,16 @@ def main(argv: list[str] | None = None) -> None:
             default=os.environ.get("BROKER_CONFIG"),
             help="TOML file (default: $BROKER_CONFIG)",
         )
+        if name == "serve":
+            sub.add_argument(
+                "--workers",
+                type=_at_least(1),
+                default=1,
+                metavar="N",
+                help="N processes on one port, metrics aggregated across them (default 1; "
+                "about one per core; needs redis_url)",
+            )
+            sub.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     demo = commands.add_parser(
         "demo",
         help="see the whole product on this machine: fake provider, broker, a connected user",
@@ -166,7 +176,16 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(run(options))
     else:
-        _serve(_settings(args.config), args.config)
+        from broker.workers import check, supervise
+
+        settings = _settings(args.config)
+        problem = check(settings, args.workers)
+        if problem is not None:
+            print(f"broker: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+        if args.workers > 1:
+            raise SystemExit(supervise(args.config, args.workers, settings))
+        _serve(settings, args.config, reuse_port=args.worker)
 
 
 def _positive(text: str) -> float:
@@ -221,7 +240,7 @@ def _summary(s: Settings) -> str:
     return "\n".join(lines)
 
 
-def _serve(settings: Settings, config_path: str | None) -> None:
+def _serve(settings: Settings, config_path: str | None, *, reuse_port: bool = False) -> None:
     from aiohttp import web
 
     from broker.app import create_app
@@ -236,6 +255,7 @@ def _serve(settings: Settings, config_path: str | None) -> None:
             shutdown_timeout=settings.shutdown_timeout,
             access_log=None,
             print=None,
+            reuse_port=reuse_port or None,
         )
     except ConfigError as err:  # found at start-up: a provider's discovery failed
         print(f"broker: configuration error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -51,11 +52,21 @@ SENSITIVE_SUFFIXES = (
 )
 
 
+_VERDICTS: dict[object, bool] = {}  # field names are few: each one's verdict, remembered
+_MAX_VERDICTS = 4096
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def sensitive(key: object) -> bool:
     """Whether a field name says it holds a secret: exact names, and telling endings such as
     ``new_refresh_token``, ``x-api-key`` or ``proxy-authorization``."""
-    name = str(key).lower()
-    return name in SENSITIVE_KEYS or name.endswith(SENSITIVE_SUFFIXES)
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        name = str(key).lower()
+        verdict = name in SENSITIVE_KEYS or name.endswith(SENSITIVE_SUFFIXES)
+        if len(_VERDICTS) < _MAX_VERDICTS:
+            _VERDICTS[key] = verdict
+    return verdict
 
 
 def _scrub(value: Any) -> Any:
@@ -68,28 +79,80 @@ def _scrub(value: Any) -> Any:
 
 def redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     """Replace the values of sensitive-looking keys, however deep."""
-    for key, value in list(event.items()):
+    for key, value in event.items():  # values replaced in place: the dict keeps its size
         if sensitive(key):
             event[key] = REDACTED
-        elif isinstance(value, Mapping | list | tuple):
+        elif type(value) not in _PLAIN and isinstance(value, Mapping | list | tuple):
             event[key] = _scrub(value)
     return event
 
 
+class _Output:
+    """Where lines go and how they are rendered: one per process. Loggers are cached on first
+    use, so they reach the stream and renderer through this object, which a later
+    ``configure_logging`` (tests) updates in place."""
+
+    def __init__(self) -> None:
+        self.stream: TextIO = sys.stderr
+        self.renderer: Processor = structlog.processors.JSONRenderer()
+        self.lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self.lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+OUTPUT = _Output()
+
+
+class _Writer:
+    """The logger structlog wraps: a name (``logger`` in every line) and a writer."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def msg(self, message: str) -> None:
+        OUTPUT.write(message)
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+def _writer(*args: Any) -> _Writer:
+    return _Writer(str(args[0]) if args else "root")
+
+
+def _render(logger: WrappedLogger, method: str, event: EventDict) -> str:
+    rendered = OUTPUT.renderer(logger, method, event)
+    return rendered if isinstance(rendered, str) else str(rendered)
+
+
+class _StdlibHandler(logging.Handler):
+    """Standard-library records (aiohttp, asyncio, redis-py), formatted by the same chain."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            OUTPUT.write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Route structlog and stdlib logging through one processor chain to ``stream``."""
+    """structlog's own pipeline (no LogRecord and handler round trip per line, and nothing at
+    all for disabled levels) and stdlib records through the same processors, both to
+    ``stream``. Meant to be called once per process; loggers cached before a later call still
+    follow its stream and format (through ``OUTPUT``), not its level."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
+        structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
-    renderer: Processor
     if use_json:
-        renderer = structlog.processors.JSONRenderer()
+        OUTPUT.renderer = structlog.processors.JSONRenderer()
         # Frame locals would print tokens held in local variables: never show them.
         shared.append(
             structlog.processors.ExceptionRenderer(
@@ -97,18 +160,19 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
             )
         )
     else:
-        renderer = structlog.dev.ConsoleRenderer()
+        OUTPUT.renderer = structlog.dev.ConsoleRenderer()
+    OUTPUT.stream = stream
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, _render],
+        logger_factory=_writer,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(stream)
+    handler = _StdlibHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _render],
         )
     )
     root = logging.getLogger()

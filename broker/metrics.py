@@ -6,9 +6,23 @@ providers, clients and routes.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+from typing import TypeVar
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.metrics import MetricWrapperBase
 
 from broker import __version__
+
+M = TypeVar("M", bound=MetricWrapperBase)
+MAX_BOUND_CHILDREN = 4096
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -17,6 +31,7 @@ class Metrics:
     """Every metric the broker exports."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry = CollectorRegistry()
         self.http_requests = Counter(
             "broker_http_requests",
@@ -35,6 +50,7 @@ class Metrics:
             "broker_http_requests_in_flight",
             "HTTP requests being served now.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.token_handouts = Counter(
             "broker_token_handouts",
@@ -88,10 +104,11 @@ class Metrics:
         )
         self.records_by_key = Gauge(
             "broker_records_by_key",
-            "Encrypted records (grants, pending authorizations) per encryption key id, from the "
-            "latest complete census; key ids not configured count as (unknown).",
+            "Encrypted records (grants, pending authorizations, app tokens) per encryption key "
+            "id, from the latest complete census; key ids not configured count as (unknown).",
             ["key_id"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.revocations = Counter(
             "broker_revocations",
@@ -131,26 +148,36 @@ class Metrics:
             "Age of the oldest due refresh not yet claimed (0 when none is late).",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.grants_due_next_minute = Gauge(
             "broker_grants_due_next_minute",
             "Grants whose refresh is due within 60 s.",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.grants = Gauge("broker_grants", "Grants by state.", ["provider", "state"], registry=r)
+        self.grants = Gauge(
+            "broker_grants",
+            "Grants by state.",
+            ["provider", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.refresh_token_expiring = Gauge(
             "broker_refresh_tokens_expiring",
             "Grants whose refresh token reaches the provider's maximum age within "
             "refresh_token_warn_before.",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.circuit_state = Gauge(
             "broker_provider_circuit_state",
             "Circuit breaker per provider: 0 closed, 1 half-open (probing), 2 open.",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.rate_limited = Counter(
             "broker_rate_limited",
@@ -181,16 +208,41 @@ class Metrics:
             "Age of the oldest event not yet delivered to a webhook (0 when none waits).",
             ["webhook"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.webhook_pending = Gauge(
             "broker_webhook_pending",
             "Events read for a webhook and not yet delivered (being retried).",
             ["webhook"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        Gauge("broker_build_info", "Build information.", ["version"], registry=r).labels(
-            __version__
-        ).set(1)
+        Gauge(
+            "broker_build_info",
+            "Build information.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        ).labels(__version__).set(1)
+
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, looked up once per label values: on the request path
+        ``labels()`` costs more than the count itself. Bounded; past the bound, unremembered."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = metric.labels(*labels)
+            if len(self._children) < MAX_BOUND_CHILDREN:
+                self._children[key] = found
+        return found  # type: ignore[return-value]  # the child of an M is an M
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics; under ``serve --workers N``, all the workers' together
+        (prometheus-client multiprocess mode: counters and histograms summed, gauges as their
+        ``multiprocess_mode`` says)."""
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -7,10 +7,11 @@ key, then the client's rate limit).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -31,6 +32,18 @@ RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 REQUEST_ID_HEADER = "X-Request-Id"
 INCOMING_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 PROBLEM_TYPE = "urn:broker:problem:"
+
+
+class RequestIds:
+    """Request ids unique across processes and restarts without a uuid4 per request: 64 random
+    bits drawn at start, then a counter (ids need to be unique, not secret)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):08x}"
 
 
 def problem(
@@ -63,10 +76,15 @@ def client_of(request: web.Request) -> ClientSettings:
 def make_middlewares(
     metrics: Metrics, authenticator: Authenticator, max_body_bytes: int
 ) -> list[Middleware]:
+    new_id = RequestIds()
+
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        request_id = incoming if INCOMING_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        incoming = request.headers.get(REQUEST_ID_HEADER)
+        if incoming is not None and INCOMING_REQUEST_ID.match(incoming):
+            request_id = incoming
+        else:
+            request_id = new_id()
         bind_request(request_id)
         started = time.perf_counter()
         status = 500
@@ -85,12 +103,13 @@ def make_middlewares(
             elapsed = time.perf_counter() - started
             info = request.match_info.route.resource
             route = info.canonical if info is not None else "unmatched"
-            metrics.http_requests.labels(route, request.method, str(status)).inc()
-            metrics.http_duration.labels(route).observe(elapsed)
+            method = request.method
+            metrics.child(metrics.http_requests, route, method, str(status)).inc()
+            metrics.child(metrics.http_duration, route).observe(elapsed)
             client = request.get(CLIENT)
             (log.warning if status >= 500 else log.info)(
                 "request",
-                method=request.method,
+                method=method,
                 path=request.path,
                 route=route,
                 status=status,

@@ -10,7 +10,7 @@ import hmac
 import json
 import math
 import random
-import unicodedata
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -22,6 +22,9 @@ MAX_USER_ID_BYTES = 256
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_SCOPE_CHARS = 4 * 1024
 MAX_EXPIRES_IN = 366 * 86400  # the longest access-token lifetime an import may state
+# Unicode categories Cc (C0, DEL, C1) and Cs (lone surrogates): one regex scan, not a
+# unicodedata lookup per character (tests/test_models.py checks it against unicodedata).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def validate_user_id(user_id: str) -> str:
@@ -29,7 +32,7 @@ def validate_user_id(user_id: str) -> str:
     size = len(user_id.encode("utf-8", errors="surrogatepass"))
     if not 1 <= size <= MAX_USER_ID_BYTES:
         raise InvalidRequest(f"user id must be 1 to {MAX_USER_ID_BYTES} bytes of UTF-8")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in user_id):
+    if _CONTROL.search(user_id):
         raise InvalidRequest("user id must not contain control characters")
     return user_id
 
@@ -227,8 +230,8 @@ class Grant:
                 raise TypeError("a grant record is a JSON object")
             # Fields a newer version added are skipped, so replicas of two versions can share
             # records during a rolling upgrade.
-            known = {f.name for f in fields(cls)}
-            data = {k: v for k, v in data.items() if k in known}
+            if not data.keys() <= _RECORD_FIELDS:
+                data = {k: v for k, v in data.items() if k in _RECORD_FIELDS}
             return cls(provider=provider, user_id=user_id, version=version, **data)
         except (ValueError, TypeError) as err:
             raise GrantUnreadable("stored grant record is malformed") from err
@@ -243,3 +246,6 @@ def holds(grant: Grant, access_token: str) -> bool:
         grant.access_token.encode("utf-8", "surrogatepass"),
         access_token.encode("utf-8", "surrogatepass"),
     )
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(Grant)) - {"provider", "user_id", "version"}

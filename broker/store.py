@@ -44,6 +44,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.batching import ReadBatcher
 from broker.config import (
     CLUSTER_SCHEME,
     SENTINEL_SCHEME,
@@ -289,13 +290,12 @@ class GrantStore:
         self._delete = redis.register_script(script("delete_grant.lua"))
         # One script may only name keys of one Redis Cluster slot; the stream is in another.
         self._atomic_events = not isinstance(redis, RedisCluster)
+        self._reads = ReadBatcher(redis, ("v", "blob"))
 
     async def read(self, provider: str, user_id: str) -> Grant | None:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
         with self.guard("read"):
-            version, blob = await self.redis.hmget(
-                self.keys.grant_key(provider, user_id), ["v", "blob"]
-            )
+            version, blob = await self._reads.hmget(self.keys.grant_key(provider, user_id))
         if version is None or not isinstance(blob, bytes):
             return None
         return self.decode(provider, user_id, version, blob)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker.devprovider import DevProvider
+from broker.middlewares import INCOMING_REQUEST_ID
 from tests.conftest import Broker, BrokerFactory, path
 
 
@@ -430,3 +432,29 @@ async def test_openapi_describes_every_route(broker: Broker) -> None:
         info = route.resource.canonical if route.resource else ""
         assert info in spec["paths"], info
         assert route.method.lower() in spec["paths"][info], (route.method, info)
+
+
+async def test_request_ids_are_distinct_and_name_the_request_and_audit_lines(
+    broker: Broker, log_file: Path
+) -> None:
+    await broker.import_grant("u-ids", refresh_token="rt-ids", access_token="at-ids")
+    before = log_file.stat().st_size
+    ids = set()
+    for _ in range(3):
+        async with broker.client.get(path("tokens", "u-ids"), headers=broker.headers) as response:
+            ids.add(response.headers["X-Request-Id"])
+    assert len(ids) == 3
+    assert all(INCOMING_REQUEST_ID.match(request_id) for request_id in ids)
+    headers = {**broker.headers, "X-Request-Id": "caller-7"}
+    async with broker.client.get(path("tokens", "u-ids"), headers=headers) as response:
+        assert response.headers["X-Request-Id"] == "caller-7"
+    with log_file.open(encoding="utf-8") as stream:
+        stream.seek(before)
+        lines = [json.loads(line) for line in stream.read().splitlines()]
+    mine = [line for line in lines if line.get("request_id") == "caller-7"]
+    assert [(line["logger"], line["event"]) for line in mine] == [
+        ("broker.audit", "token.handout"),
+        ("broker.http", "request"),
+    ]
+    assert mine[0]["user_id"] == "u-ids"
+    assert mine[1]["status"] == 200

@@ -4,18 +4,22 @@ the session's log check guard that too)."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import structlog
 
 from broker import audit
 from broker.auth import Authenticator, hash_key
 from broker.config import load_settings
 from broker.devprovider import DevProvider
+from broker.logs import OUTPUT, configure_logging
 from broker.metrics import Metrics
 from broker.reload import Reloader
 from tests.conftest import PROVIDER, Broker, BrokerFactory, Landing, connect, free_port, path
@@ -218,3 +222,24 @@ def test_a_reload_is_audited_and_a_refused_one_names_the_setting(
     for record in records:
         assert set(record) <= common | events["config.reload"], record
     assert 'broker_config_reloads_total{outcome="refused"} 1.0' in metrics.render().decode()
+
+
+def test_audit_events_are_written_whatever_the_log_level() -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    output = vars(OUTPUT).copy()
+    stream = io.StringIO()
+    configure_logging("json", "warning", stream=stream)
+    try:
+        structlog.get_logger("broker.http").info("request")  # below warning: dropped
+        audit.record(audit.TOKEN_HANDOUT, client="c", provider="p", user_id="u", outcome="success")
+    finally:
+        structlog.configure(**config)
+        vars(OUTPUT).update(output)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    written = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["logger"], r["event"], r["level"]) for r in written] == [
+        ("broker.audit", "token.handout", "info")
+    ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import sys
+import unicodedata
 from dataclasses import replace
 from typing import Any
 
@@ -171,3 +173,15 @@ def test_a_record_from_a_newer_version_is_still_readable() -> None:
     data["field_from_the_future"] = {"x": 1}
     read = Grant.from_payload("p", "u", 2, json.dumps(data).encode())
     assert read == grant
+
+
+def test_control_characters_are_exactly_unicode_categories_cc_and_cs() -> None:
+    """The user id check scans with one regex; it must agree with Unicode's own categories."""
+    for point in range(sys.maxunicode + 1):
+        ch = chr(point)
+        control = unicodedata.category(ch) in ("Cc", "Cs")
+        if control:
+            with pytest.raises(InvalidRequest):
+                validate_user_id(f"a{ch}b")
+        elif point % 97 == 0 or point < 0x200:  # a sample of the rest, every range touched
+            assert validate_user_id(f"a{ch}b") == f"a{ch}b"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from broker.logs import REDACTED, configure_logging, redact
+from broker.logs import OUTPUT, REDACTED, configure_logging, redact
 
 SENSITIVE = {
     "refresh_token": "rt-secret",
@@ -72,6 +72,7 @@ def log_stream() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     config = structlog.get_config()
+    output = vars(OUTPUT).copy()
     stream = io.StringIO()
     configure_logging("json", "debug", stream=stream)
     try:
@@ -79,6 +80,7 @@ def log_stream() -> Iterator[io.StringIO]:
     finally:
         structlog.contextvars.clear_contextvars()
         structlog.configure(**config)
+        vars(OUTPUT).update(output)
         root.handlers[:] = handlers
         root.setLevel(level)
 

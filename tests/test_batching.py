@@ -1,0 +1,71 @@
+"""Grant reads batched per loop turn (broker/batching.py), against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from broker.batching import ReadBatcher
+from tests.conftest import RedisServer
+
+
+async def test_concurrent_reads_each_get_their_own_answer(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for i in range(0, 60, 2):
+            await client.hset(f"{key_prefix}:{i}", mapping={"v": str(i), "blob": f"b{i}"})
+        await client.set(f"{key_prefix}:wrong", "a string, not a hash")
+        batcher = ReadBatcher(client, ("v", "blob"))
+        keys = [f"{key_prefix}:{i}" for i in range(60)] + [f"{key_prefix}:wrong"]
+        answers = await asyncio.gather(*(batcher.hmget(k) for k in keys), return_exceptions=True)
+        for i in range(60):
+            assert answers[i] == (
+                [str(i).encode(), f"b{i}".encode()] if i % 2 == 0 else [None, None]
+            )
+        assert isinstance(answers[60], ResponseError)  # only the bad key's caller fails
+    finally:
+        await client.aclose()
+
+
+async def test_a_lost_connection_fails_every_read_in_the_batch_then_reads_resume(
+    own_redis: RedisServer,
+) -> None:
+    client = aioredis.Redis.from_url(own_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        await client.hset("k", mapping={"v": "1", "blob": "b"})
+        batcher = ReadBatcher(client, ("v", "blob"))
+        assert await batcher.hmget("k") == [b"1", b"b"]
+        own_redis.stop()
+        answers = await asyncio.gather(
+            *(batcher.hmget("k") for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(a, RedisConnectionError | OSError) for a in answers), answers
+        own_redis.start()
+        await client.hset("k", mapping={"v": "2", "blob": "c"})
+        assert await batcher.hmget("k") == [b"2", b"c"]
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_reader_leaves_the_others_their_answers(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.hset(f"{key_prefix}:c", mapping={"v": "7", "blob": "x"})
+        batcher = ReadBatcher(client, ("v", "blob"))
+        gone = asyncio.create_task(batcher.hmget(f"{key_prefix}:c"))
+        kept = asyncio.create_task(batcher.hmget(f"{key_prefix}:c"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert await kept == [b"7", b"x"]
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+    finally:
+        await client.aclose()
