@@ -29,6 +29,7 @@ AUTHORIZATION_START = "authorization.start"
 AUTHORIZATION_FINISH = "authorization.finish"
 CONFIG_RELOAD = "config.reload"
 APP_TOKEN_HANDOUT = "app_token.handout"
+REKEY_FINISH = "rekey.finish"
 EVENTS = (
     TOKEN_HANDOUT,
     GRANT_IMPORT,
@@ -37,7 +38,10 @@ EVENTS = (
     AUTHORIZATION_FINISH,
     CONFIG_RELOAD,
     APP_TOKEN_HANDOUT,
+    REKEY_FINISH,
 )
+# Outcomes of events with outcomes of their own that are no failure (written at info).
+FINE = frozenset({SUCCESS, "applied", "unchanged", "complete", "dry_run", "incomplete"})
 
 # Filtered at info whatever ``log_level`` says: the configured wrapper class would drop these
 # events under ``log_level = "warning"``.
@@ -58,7 +62,8 @@ def record(
     **fields: Any,
 ) -> None:
     """Write one audit event (``request_id`` comes from the request's context)."""
-    emit = _log.info if outcome == SUCCESS or event == AUTHORIZATION_FINISH else _log.warning
+    fine = outcome in FINE or event == AUTHORIZATION_FINISH
+    emit = _log.info if fine else _log.warning
     emit(event, client=client, provider=provider, user_id=user_id, outcome=outcome, **fields)
 
 

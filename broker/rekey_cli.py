@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-import structlog
 from redis.exceptions import RedisClusterException, RedisError
 from rich.console import Console
 from rich.progress import (
@@ -24,13 +23,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from broker import audit
 from broker.census import publish
 from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.rekey import Rekeyer, RekeyReport
 from broker.store import Keys, close, connect
-
-audit = structlog.get_logger("broker.audit")
 
 OK, REMAINING, CONFIG, UNREADABLE, INTERRUPTED = 0, 1, 2, 3, 130
 PLAIN_EVERY = 2.0  # seconds between two plain progress lines
@@ -221,8 +219,11 @@ class _Progress:
 def _finish(
     report: RekeyReport, options: RekeyOptions, outcome: str, keyring: KeyRing, out: TextIO
 ) -> None:
-    audit.info(
-        "rekey.finish",
+    audit.record(
+        audit.REKEY_FINISH,
+        client=None,
+        provider=None,
+        user_id=None,
         outcome=outcome,
         dry_run=options.dry_run,
         primary_key_id=keyring.primary_id,
