@@ -8,6 +8,7 @@ a telling name (``access_token=...``) anywhere in an event, nested dicts include
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -76,8 +77,15 @@ def redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
-def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Route structlog and stdlib logging through one processor chain to ``stream``."""
+def configure_logging(
+    fmt: str = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    worker: int | None = None,
+) -> None:
+    """Route structlog and stdlib logging through one processor chain to ``stream``; a
+    ``worker`` of ``broker serve --workers`` marks each line with its number and pid."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Processor] = [
@@ -87,6 +95,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
+    if worker is not None:
+        shared.insert(1, _mark_worker(worker, os.getpid()))
     renderer: Processor
     if use_json:
         renderer = structlog.processors.JSONRenderer()
@@ -117,6 +127,15 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # we log one line per request
     # The audit log (broker.audit) is written whatever log_level says.
     logging.getLogger("broker.audit").setLevel(min(logging.INFO, root.level))
+
+
+def _mark_worker(worker: int, pid: int) -> Processor:
+    def mark(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+        event.setdefault("worker", worker)
+        event.setdefault("pid", pid)
+        return event
+
+    return mark
 
 
 def bind_request(request_id: str) -> None:

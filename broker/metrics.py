@@ -2,15 +2,26 @@
 
 Labels never carry user ids or anything secret: cardinality stays bounded by the number of
 providers, clients and routes.
+
+Under ``broker serve --workers N`` (``broker.workers``) every worker writes its values to files
+in ``PROMETHEUS_MULTIPROC_DIR`` and a scrape of any worker adds all of them up
+(prometheus-client's multiprocess mode). Each gauge therefore says how the workers' values
+combine: ``livesum`` for what each process counts itself, ``livemostrecent`` for figures every
+worker reads from Redis (the same store-wide value), ``livemax`` for per-process states where
+the worst one matters.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from broker import __version__
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 
 
 class Metrics:
@@ -18,6 +29,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_DIR)
         self.http_requests = Counter(
             "broker_http_requests",
             "HTTP requests served.",
@@ -35,6 +47,7 @@ class Metrics:
             "broker_http_requests_in_flight",
             "HTTP requests being served now.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.token_handouts = Counter(
             "broker_token_handouts",
@@ -111,26 +124,36 @@ class Metrics:
             "Age of the oldest due refresh not yet claimed (0 when none is late).",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.grants_due_next_minute = Gauge(
             "broker_grants_due_next_minute",
             "Grants whose refresh is due within 60 s.",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
-        self.grants = Gauge("broker_grants", "Grants by state.", ["provider", "state"], registry=r)
+        self.grants = Gauge(
+            "broker_grants",
+            "Grants by state.",
+            ["provider", "state"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.refresh_token_expiring = Gauge(
             "broker_refresh_tokens_expiring",
             "Grants whose refresh token reaches the provider's maximum age within "
             "refresh_token_warn_before.",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.circuit_state = Gauge(
             "broker_provider_circuit_state",
             "Circuit breaker per provider: 0 closed, 1 half-open (probing), 2 open.",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",  # each worker has its own breaker: the worst one
         )
         self.rate_limited = Counter(
             "broker_rate_limited",
@@ -149,9 +172,18 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        Gauge("broker_build_info", "Build information.", ["version"], registry=r).labels(
-            __version__
-        ).set(1)
+        Gauge(
+            "broker_build_info",
+            "Build information.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        ).labels(__version__).set(1)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This app's metrics, or under ``--workers`` those of every worker added up."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
