@@ -124,7 +124,13 @@ class _Supervisor:
                 log.error("workers.cannot_listen", host=s.host, port=s.port, error=str(err))
                 return 1
             port = self._addresses[0][1][1]
-            log.info("workers.starting", workers=s.workers, host=s.host, port=port)
+            log.info(
+                "workers.starting",
+                workers=s.workers,
+                host=s.host,
+                port=port,
+                metrics_dir=self._metrics_dir,
+            )
             for slot in self._slots:
                 self._start(slot)
             return self._loop()
