@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.auth import hash_key, new_api_key
 from broker.devprovider import DevProvider
+from broker.scheduler import STATS_INTERVAL
 from tests.conftest import SECRETS, RedisServer, encryption_key, free_port, path
 from tests.fleet import Replica, TomlScalar, replica_config, start_fleet, stop_fleet
 
@@ -90,7 +91,8 @@ async def fetch_tokens(replica: Replica, headers: dict[str, str], n: int) -> lis
 
 
 async def scrape(replica: Replica) -> dict[str, float]:
-    """Token fetches (``requests``) and hand-outs counted in one scrape, and its raw text."""
+    """Token fetches (``requests``) and hand-outs counted in one scrape, with the gauges of
+    active grants (a store-wide figure each worker reads) and of requests in flight."""
     connector = aiohttp.TCPConnector(force_close=True)
     async with (
         aiohttp.ClientSession(connector=connector) as http,
@@ -100,13 +102,16 @@ async def scrape(replica: Replica) -> dict[str, float]:
     found = {"requests": 0.0, "handouts": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "broker_http_requests_total" and sample.labels["route"] == (
-                TOKEN_ROUTE
-            ):
-                found["requests"] += sample.value
-            if sample.name == "broker_token_handouts_total":
-                found["handouts"] += sample.value
             assert "pid" not in sample.labels, f"{sample.name}: a gauge without a mode"
+            if sample.name == "broker_http_requests_total":
+                if sample.labels["route"] == TOKEN_ROUTE:
+                    found["requests"] += sample.value
+            elif sample.name == "broker_token_handouts_total":
+                found["handouts"] += sample.value
+            elif sample.name == "broker_grants" and sample.labels["state"] == "active":
+                found["grants_active"] = sample.value
+            elif sample.name == "broker_http_requests_in_flight":
+                found["in_flight"] = sample.value
     return found
 
 
@@ -149,7 +154,18 @@ async def test_two_workers_serve_one_port_and_metrics_add_up(
         assert set(served) == set(pids.values()), served  # both answered some
         assert sum(served.values()) == 40
         for _ in range(4):  # scrapes answered by either worker count both workers' requests
-            assert await scrape(broker) == {"requests": 40.0, "handouts": 40.0}
+            found = await scrape(broker)
+            assert (found["requests"], found["handouts"]) == (40.0, 40.0)
+            assert found["in_flight"] == 1.0  # this scrape, in whichever worker answers it
+        # Each worker's scheduler counts the grants every STATS_INTERVAL: one grant, whichever
+        # counted last, never one per worker.
+        seen = set()
+        until = time.monotonic() + 2 * STATS_INTERVAL + 1
+        while time.monotonic() < until:
+            seen.add((await scrape(broker))["grants_active"])
+            await asyncio.sleep(0.2)
+        assert seen <= {0.0, 1.0}, seen
+        assert (await scrape(broker))["grants_active"] == 1.0
         [starting] = await until_logged(broker, "workers.starting")
         assert Path(starting["metrics_dir"]).is_dir()
 
@@ -202,7 +218,8 @@ async def test_a_killed_worker_is_replaced_with_the_reloaded_clients_and_its_cou
         assert served[replaced["pid"]] >= 2, served
         # the dead worker's counts carry on: every fetch so far, whoever answered it
         total = float(sum(served.values()))
-        assert await scrape(broker) == {"requests": total, "handouts": total}
+        found = await scrape(broker)
+        assert (found["requests"], found["handouts"]) == (total, total)
     finally:
         await stop_fleet(fleet)
     assert broker.process.returncode == 0
