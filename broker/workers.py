@@ -52,6 +52,7 @@ from prometheus_client import multiprocess, values
 
 from broker.config import Settings
 from broker.metrics import MULTIPROCESS_DIR
+from broker.worker_sockets import Address, bind, free_addresses
 
 log = structlog.get_logger("broker.workers")
 
@@ -65,7 +66,6 @@ KILL_MARGIN = 4.0
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 PR_SET_PDEATHSIG = 1
 
-Address = tuple[socket.AddressFamily, tuple[object, ...]]
 WorkerMain = Callable[[list[socket.socket], int, Callable[[], None]], None]
 """Runs one worker until it is told to stop: given its bound sockets (it listens on them), its
 number, and a call to make once it can serve."""
@@ -119,7 +119,7 @@ class _Supervisor:
         try:
             s = self._settings
             try:
-                self._addresses = _free_addresses(s.host, s.port)
+                self._addresses = free_addresses(s.host, s.port)
             except OSError as err:
                 log.error("workers.cannot_listen", host=s.host, port=s.port, error=str(err))
                 return 1
@@ -198,7 +198,7 @@ class _Supervisor:
     def _start(self, slot: _Slot) -> None:
         slot.restart_at = None
         try:
-            sockets = _bind(self._addresses)
+            sockets = bind(self._addresses)
         except OSError as err:  # another process took the port meanwhile
             log.error("worker.cannot_listen", worker=slot.number, error=str(err))
             self._failed(slot, ready=False)
@@ -206,8 +206,9 @@ class _Supervisor:
         ready_read, ready_write = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.close(ready_read)
-            self._child(slot.number, sockets, ready_write)
+            self._selector.close()  # the child's copy; the supervisor's registrations stay
+            inherited = [ready_read, *self._wakeup, *(other.ready_fd for other in self._slots)]
+            _worker(self._main, slot.number, sockets, ready_write, inherited, self._pid)
         os.close(ready_write)
         for sock in sockets:
             sock.close()  # the worker's now: it goes when the worker does
@@ -280,40 +281,48 @@ class _Supervisor:
         slot.restart_at = time.monotonic() + delay
         log.warning("worker.restarting", worker=slot.number, delay_s=delay)
 
-    def _child(self, number: int, sockets: list[socket.socket], ready_fd: int) -> NoReturn:
-        """The forked worker: never returns into the supervisor's code."""
-        status = 1
-        try:
-            os.setpgid(0, 0)
-            _die_with(self._pid)
-            signal.set_wakeup_fd(-1)
-            for sig in SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app handles it
-            self._selector.close()
-            for fd in (*self._wakeup, *(slot.ready_fd for slot in self._slots)):
-                if fd >= 0:
-                    os.close(fd)
-            _count_metrics_as(number)
 
-            def ready() -> None:
-                os.write(ready_fd, b".")
-                os.close(ready_fd)
+def _worker(
+    main: WorkerMain,
+    number: int,
+    sockets: list[socket.socket],
+    ready_fd: int,
+    inherited: list[int],
+    parent: int,
+) -> NoReturn:
+    """The forked worker: never returns into the supervisor's code. ``inherited``: the
+    supervisor's descriptors, closed here."""
+    status = 1
+    try:
+        os.setpgid(0, 0)
+        _die_with(parent)
+        signal.set_wakeup_fd(-1)
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app handles it
+        for fd in inherited:
+            if fd >= 0:
+                os.close(fd)
+        _count_metrics_as(number)
 
-            self._main(sockets, number, ready)
-            status = 0
-        except SystemExit as exit_:
-            if isinstance(exit_.code, str):
-                print(exit_.code, file=sys.stderr)
-            status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(status)
+        def ready() -> None:
+            os.write(ready_fd, b".")
+            os.close(ready_fd)
+
+        main(sockets, number, ready)
+        status = 0
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):
+            print(exit_.code, file=sys.stderr)
+        status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(status)
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -330,57 +339,6 @@ def _read(fd: int) -> bytes:
 def _kill(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-
-
-def _socket(family: socket.AddressFamily, *, reuse_port: bool) -> socket.socket:
-    """A TCP socket set up as asyncio sets up a server's."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _free_addresses(host: str, port: int) -> list[Address]:
-    """The addresses to serve, after checking with ordinary binds that nothing listens on them
-    (port 0: one free port, the same for all)."""
-    found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    addresses: list[Address] = []
-    probes: list[socket.socket] = []
-    try:
-        for family, _, _, _, sockaddr in found:
-            if any((family, sockaddr[0]) == (f, a[0]) for f, a in addresses):
-                continue  # the same address for another protocol
-            address = (sockaddr[0], port, *sockaddr[2:])
-            probe = _socket(family, reuse_port=False)
-            probes.append(probe)
-            probe.bind(address)
-            port = probe.getsockname()[1]
-            addresses.append((family, (sockaddr[0], port, *sockaddr[2:])))
-    finally:
-        for probe in probes:
-            probe.close()
-    return addresses
-
-
-def _bind(addresses: list[Address]) -> list[socket.socket]:
-    sockets: list[socket.socket] = []
-    try:
-        for family, address in addresses:
-            sock = _socket(family, reuse_port=True)
-            sockets.append(sock)
-            sock.bind(address)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 def _die_with(parent: int) -> None:
