@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.auth import hash_key, new_api_key
@@ -244,6 +245,33 @@ async def test_workers_do_not_outlive_a_killed_supervisor(
         assert len([e for e in broker.events() if e == "broker.stopping"]) == 2  # they drained
     finally:
         await stop_fleet(fleet)
+
+
+async def test_one_worker_is_one_process_as_before(
+    provider: DevProvider,
+    redis_server: RedisServer,
+    key_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # where a metrics directory would go
+    settings = workers(key_prefix) | {"workers": 1}
+    fleet = await start_fleet(provider, [redis_server.url], tmp_path, settings)
+    broker = fleet.replicas[0]
+    try:
+        await import_grant(provider, broker, fleet.headers)
+        assert await fetch_tokens(broker, fleet.headers, 3) == [200] * 3
+        assert (await scrape(broker))["requests"] == 3.0
+        assert list(scratch.iterdir()) == []
+    finally:
+        await stop_fleet(fleet)
+    assert broker.process.returncode == 0
+    lines = log_lines(broker)
+    assert len([line for line in lines if line.get("route") == TOKEN_ROUTE]) == 3
+    assert not any({"worker", "pid"} & line.keys() for line in lines), lines[:3]
+    assert not any(line["event"].startswith("workers.") for line in lines)
 
 
 def serve(config: Path, *args: str, env: dict[str, str], wait: float) -> tuple[int, str]:
