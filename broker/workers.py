@@ -1,7 +1,8 @@
 """``broker serve --workers N``: a supervisor process and N worker processes on one port.
 
 Each worker is a whole broker (HTTP API, background refresher), forked by the supervisor after
-the settings are loaded, so all run the same settings (later SIGHUP reloads aside: below).
+the settings are loaded: all start from the same settings, a replacement too (a fresh process
+would read a configuration file that may have changed since; for SIGHUP, see below).
 They share the work through Redis exactly as replicas do (locks, leases, rate limits); the
 embedded ``memory://`` store, which a process cannot share, is refused by the settings.
 
@@ -20,9 +21,10 @@ restarts; a dead worker's live gauges are dropped.
 
 Signals: SIGTERM and SIGINT are forwarded to every worker, which drains within
 ``shutdown_timeout``; one still running ``KILL_MARGIN`` seconds later is killed. SIGHUP is
-forwarded (each worker reloads its clients); a worker started after one is sent one as soon as
-it serves. Workers run in a process group of their own, so a terminal's Ctrl-C reaches only the
-supervisor, which forwards it once, and (on Linux) get SIGTERM if the supervisor dies.
+forwarded (each worker reloads its clients); a worker started after a SIGHUP gets one as soon
+as it serves, so it reloads too. Workers run in a process group of their own, so a terminal's
+Ctrl-C reaches only the supervisor, which forwards it once, and (on Linux) get SIGTERM if the
+supervisor dies.
 
 A worker that exits while not asked to is started again after a backoff (``RESTART_FIRST``
 doubling up to ``RESTART_MAX``; back to the first once a worker has served for
