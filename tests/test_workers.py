@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -245,6 +246,8 @@ async def test_workers_do_not_outlive_a_killed_supervisor(
         assert len([e for e in broker.events() if e == "broker.stopping"]) == 2  # they drained
     finally:
         await stop_fleet(fleet)
+        [starting] = await until_logged(broker, "workers.starting")
+        shutil.rmtree(starting["metrics_dir"])  # a killed supervisor leaves it (documented)
 
 
 async def test_one_worker_is_one_process_as_before(
