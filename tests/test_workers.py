@@ -20,10 +20,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.auth import hash_key, new_api_key
 from broker.devprovider import DevProvider
+from broker.metrics import Metrics
 from broker.scheduler import STATS_INTERVAL
 from tests.conftest import SECRETS, RedisServer, encryption_key, free_port, path
 from tests.fleet import Replica, TomlScalar, replica_config, start_fleet, stop_fleet
@@ -275,6 +277,17 @@ async def test_one_worker_is_one_process_as_before(
     assert len([line for line in lines if line.get("route") == TOKEN_ROUTE]) == 3
     assert not any({"worker", "pid"} & line.keys() for line in lines), lines[:3]
     assert not any(line["event"].startswith("workers.") for line in lines)
+
+
+def test_every_gauge_says_how_the_workers_values_combine() -> None:
+    """A gauge left in prometheus-client's default mode (``all``) would show one series per
+    worker, labelled by worker, instead of one figure."""
+    metrics = Metrics()
+    gauges = {name: g for name, g in vars(metrics).items() if isinstance(g, Gauge)}
+    assert "http_in_flight" in gauges
+    # prometheus-client keeps the mode private; it is the gauge's multiprocess_mode argument.
+    modes = {name: g._multiprocess_mode for name, g in gauges.items()}
+    assert "all" not in modes.values(), modes
 
 
 def serve(config: Path, *args: str, env: dict[str, str], wait: float) -> tuple[int, str]:
