@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 from broker.auth import hash_key, new_api_key
 from broker.config import Settings, load_settings
@@ -29,16 +31,13 @@ def main(argv: list[str] | None = None) -> None:
             default=os.environ.get("BROKER_CONFIG"),
             help="TOML file (default: $BROKER_CONFIG)",
         )
-        if name == "serve":
-            sub.add_argument(
-                "--workers",
-                type=_at_least(1),
-                default=1,
-                metavar="N",
-                help="N processes on one port, metrics aggregated across them (default 1; "
-                "about one per core; needs redis_url)",
-            )
-            sub.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+        sub.add_argument(
+            "--workers",
+            type=_at_least(1),
+            metavar="N",
+            help="processes serving the port, sharing the work through Redis; /metrics adds "
+            "them up (default: the workers setting, 1)",
+        )
     demo = commands.add_parser(
         "demo",
         help="see the whole product on this machine: fake provider, broker, a connected user",
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(json.dumps(config_schema(), indent=2))
     elif args.command == "check-config":
-        settings = _settings(args.config)
+        settings = _settings(args.config, args.workers)
         print(_summary(settings))
     elif args.command == "grants":
         from broker.grants_cli import list_grants
@@ -176,16 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(run(options))
     else:
-        from broker.workers import check, supervise
-
-        settings = _settings(args.config)
-        problem = check(settings, args.workers)
-        if problem is not None:
-            print(f"broker: {problem}", file=sys.stderr)
-            raise SystemExit(2)
-        if args.workers > 1:
-            raise SystemExit(supervise(args.config, args.workers, settings))
-        _serve(settings, args.config, reuse_port=args.worker)
+        _serve(_settings(args.config, args.workers), args.config)
 
 
 def _positive(text: str) -> float:
@@ -205,7 +195,11 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _settings(path: str | None) -> Settings:
+def _settings(path: str | None, workers: int | None = None) -> Settings:
+    if workers is not None:
+        # --workers is BROKER_WORKERS: it wins over the file, is validated with the rest, and
+        # a SIGHUP reload (which reads the environment again) sees the same value.
+        os.environ["BROKER_WORKERS"] = str(workers)
     try:
         return load_settings(path, os.environ)
     except ConfigError as err:
@@ -218,7 +212,8 @@ def _summary(s: Settings) -> str:
         "configuration ok",
         f"  store:     {s.redis_url_safe}"
         + ("  (embedded, NOT durable)" if s.is_memory_store else ""),
-        f"  listen:    {s.host}:{s.port}   public_url: {s.public_url}",
+        f"  listen:    {s.host}:{s.port}   public_url: {s.public_url}"
+        + (f"   workers: {s.workers}" if s.workers > 1 else ""),
         "  keys:      "
         + (
             "throwaway (set BROKER_ENCRYPTION_KEYS)"
@@ -240,26 +235,64 @@ def _summary(s: Settings) -> str:
     return "\n".join(lines)
 
 
-def _serve(settings: Settings, config_path: str | None, *, reuse_port: bool = False) -> None:
-    from aiohttp import web
-
-    from broker.app import create_app
+def _serve(settings: Settings, config_path: str | None) -> None:
     from broker.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    if settings.workers > 1:
+        from broker.workers import supervise
+
+        raise SystemExit(supervise(settings, partial(_worker, settings, config_path)))
+    _run(settings, config_path)
+
+
+def _worker(
+    settings: Settings,
+    config_path: str | None,
+    sockets: list[socket.socket],
+    number: int,
+    ready: Callable[[], None],
+) -> None:
+    """One process of ``--workers`` (broker.workers): the app on the supervisor's sockets."""
+    from broker.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level, worker=number)
+    _run(settings, config_path, sockets, ready)
+
+
+def _run(
+    settings: Settings,
+    config_path: str | None,
+    sockets: list[socket.socket] | None = None,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    from aiohttp import web
+
+    from broker.app import create_app
+
     try:
+        app = create_app(settings, reload_on_sighup=True, config_path=config_path)
+        if ready is not None:
+            app.on_startup.append(_call(ready))  # after the cleanup contexts have started
         web.run_app(
-            create_app(settings, reload_on_sighup=True, config_path=config_path),
-            host=settings.host,
-            port=settings.port,
+            app,
+            host=None if sockets else settings.host,
+            port=None if sockets else settings.port,
+            sock=sockets,
             shutdown_timeout=settings.shutdown_timeout,
             access_log=None,
             print=None,
-            reuse_port=reuse_port or None,
         )
     except ConfigError as err:  # found at start-up: a provider's discovery failed
         print(f"broker: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _call(ready: Callable[[], None]) -> Callable[[object], Awaitable[None]]:
+    async def call(_: object) -> None:
+        ready()
+
+    return call
 
 
 if __name__ == "__main__":

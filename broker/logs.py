@@ -8,6 +8,7 @@ a telling name (``access_token=...``) anywhere in an event, nested dicts include
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Mapping
@@ -137,11 +138,18 @@ class _StdlibHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+def configure_logging(
+    fmt: str = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    worker: int | None = None,
+) -> None:
     """structlog's own pipeline (no LogRecord and handler round trip per line, and nothing at
     all for disabled levels) and stdlib records through the same processors, both to
-    ``stream``. Meant to be called once per process; loggers cached before a later call still
-    follow its stream and format (through ``OUTPUT``), not its level."""
+    ``stream``; a ``worker`` of ``broker serve --workers`` marks each line with its number and
+    pid. Meant to be called once per process; loggers cached before a later call still follow
+    its stream and format (through ``OUTPUT``), not its level."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Processor] = [
@@ -151,6 +159,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
+    if worker is not None:
+        shared.insert(1, _mark_worker(worker, os.getpid()))
     if use_json:
         OUTPUT.renderer = structlog.processors.JSONRenderer()
         # Frame locals would print tokens held in local variables: never show them.
@@ -181,6 +191,15 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # we log one line per request
     # The audit log (broker.audit) is written whatever log_level says.
     logging.getLogger("broker.audit").setLevel(min(logging.INFO, root.level))
+
+
+def _mark_worker(worker: int, pid: int) -> Processor:
+    def mark(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+        event.setdefault("worker", worker)
+        event.setdefault("pid", pid)
+        return event
+
+    return mark
 
 
 def bind_request(request_id: str) -> None:

@@ -2,6 +2,13 @@
 
 Labels never carry user ids or anything secret: cardinality stays bounded by the number of
 providers, clients and routes.
+
+Under ``broker serve --workers N`` (``broker.workers``) every worker writes its values to files
+in ``PROMETHEUS_MULTIPROC_DIR`` and a scrape of any worker adds all of them up
+(prometheus-client's multiprocess mode). Each gauge therefore says how the workers' values
+combine: ``livesum`` for what each process counts itself, ``livemostrecent`` for figures every
+worker reads from Redis (the same store-wide value), ``livemax`` for per-process states where
+the worst one matters.
 """
 
 from __future__ import annotations
@@ -9,15 +16,9 @@ from __future__ import annotations
 import os
 from typing import TypeVar
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from broker import __version__
 
@@ -25,6 +26,7 @@ M = TypeVar("M", bound=MetricWrapperBase)
 MAX_BOUND_CHILDREN = 4096
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 
 
 class Metrics:
@@ -33,6 +35,7 @@ class Metrics:
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry = CollectorRegistry()
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_DIR)
         self.http_requests = Counter(
             "broker_http_requests",
             "HTTP requests served.",
@@ -108,7 +111,7 @@ class Metrics:
             "id, from the latest complete census; key ids not configured count as (unknown).",
             ["key_id"],
             registry=r,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemostrecent",
         )
         self.revocations = Counter(
             "broker_revocations",
@@ -148,21 +151,21 @@ class Metrics:
             "Age of the oldest due refresh not yet claimed (0 when none is late).",
             ["provider"],
             registry=r,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemostrecent",
         )
         self.grants_due_next_minute = Gauge(
             "broker_grants_due_next_minute",
             "Grants whose refresh is due within 60 s.",
             ["provider"],
             registry=r,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemostrecent",
         )
         self.grants = Gauge(
             "broker_grants",
             "Grants by state.",
             ["provider", "state"],
             registry=r,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemostrecent",
         )
         self.refresh_token_expiring = Gauge(
             "broker_refresh_tokens_expiring",
@@ -170,14 +173,14 @@ class Metrics:
             "refresh_token_warn_before.",
             ["provider"],
             registry=r,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemostrecent",
         )
         self.circuit_state = Gauge(
             "broker_provider_circuit_state",
             "Circuit breaker per provider: 0 closed, 1 half-open (probing), 2 open.",
             ["provider"],
             registry=r,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemax",  # each worker has its own breaker: the worst one
         )
         self.rate_limited = Counter(
             "broker_rate_limited",
@@ -208,14 +211,14 @@ class Metrics:
             "Age of the oldest event not yet delivered to a webhook (0 when none waits).",
             ["webhook"],
             registry=r,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemostrecent",
         )
         self.webhook_pending = Gauge(
             "broker_webhook_pending",
             "Events read for a webhook and not yet delivered (being retried).",
             ["webhook"],
             registry=r,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemostrecent",
         )
         Gauge(
             "broker_build_info",
@@ -237,12 +240,9 @@ class Metrics:
         return found  # type: ignore[return-value]  # the child of an M is an M
 
     def render(self) -> bytes:
-        """This process's metrics; under ``serve --workers N``, all the workers' together
-        (prometheus-client multiprocess mode: counters and histograms summed, gauges as their
-        ``multiprocess_mode`` says)."""
-        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if not path:
+        """This app's metrics, or under ``--workers`` those of every worker added up."""
+        if self._multiprocess_dir is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
+        MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
         return generate_latest(registry)

@@ -88,6 +88,16 @@ class Settings(DataclassFields, BaseSettings):
     )
     host: str = Field(default="0.0.0.0", description="listen address")  # noqa: S104
     port: Count = Field(default=8080, ge=0, le=65535, description="listen port")
+    workers: Count = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="processes serving the port (`broker serve --workers N` overrides): more "
+        "than 1 starts a supervisor and N worker processes, each a whole broker (requests, "
+        "refresher) sharing the work through Redis like replicas; `/metrics` adds them up. "
+        "Needs a shared Redis (not `memory://`); about one per CPU core the pod may use (see "
+        "[operations.md](operations.md#workers-and-replicas))",
+    )
     public_url: Annotated[UrlOrEmpty, ShownDefault("`http://127.0.0.1:{port}`")] = Field(
         default="",
         description="the base URL users' browsers reach broker at; the OAuth callback is "
@@ -402,6 +412,16 @@ class Settings(DataclassFields, BaseSettings):
                 "min_replicas_to_ack",
                 "is not supported with redis+cluster (WAIT would have to run on each grant's "
                 "node); use 0, or a Sentinel-managed Redis",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _workers_share_a_store(self) -> Self:
+        if self.workers > 1 and self.is_memory_store:
+            raise setting_error(
+                "workers",
+                "must be 1 with the embedded memory:// store (each worker process would hold a "
+                "store of its own); set redis_url to a Redis server",
             )
         return self
 
