@@ -17,6 +17,7 @@ import itertools
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -44,6 +45,18 @@ TUNING = {
     "scheduler_concurrency": 64,
     "provider_concurrency": 64,
 }
+
+
+def _stored_refreshes(fleet: Fleet) -> int:
+    """Refreshes whose result the replicas have written (their log's refresh.succeeded)."""
+    return sum(r.log.read_text().count('"event": "refresh.succeeded"') for r in fleet.replicas)
+
+
+async def _until(check: Callable[[], bool], what: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
 
 
 async def poll(fleet: Fleet, provider: DevProvider, until: float, counts: list[int]) -> None:
@@ -77,7 +90,7 @@ async def test_three_replicas_keep_every_grant_fresh_through_a_sigkill(
     provider: DevProvider, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     provider.settings.access_token_ttl = TOKEN_TTL
-    fleet = await start_fleet(provider, [own_redis.url] * 3, tmp_path, TUNING)
+    fleet = await start_fleet(provider, [own_redis.url] * 3, tmp_path, {**TUNING, "log_level": "info"})
     try:
         async with aiohttp.ClientSession() as http:
             for i in range(GRANTS):
@@ -98,7 +111,11 @@ async def test_three_replicas_keep_every_grant_fresh_through_a_sigkill(
         victim.alive = False  # the load balancer stops routing to it first
         provider.hold()  # refreshes now park at the provider, unanswered
         await provider.wait_for_token_requests(provider.token_requests + 3)
-        await asyncio.sleep(0.05)  # answers already on their way are stored (a ms each)
+        # Answers already on their way are stored before the kill: a replica killed between a
+        # rotating answer and its write loses the grant, which no broker can prevent (the
+        # provider's grace period is the only cure, docs/operations.md).
+        answered = sum(len(provider.access_token_times(f"user-{i}")) for i in range(GRANTS))
+        await _until(lambda: _stored_refreshes(fleet) == answered, "answers stored", 10)
         victim.process.send_signal(signal.SIGKILL)
         await victim.process.wait()
         killed_at = time.time()
