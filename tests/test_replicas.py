@@ -90,7 +90,9 @@ async def test_three_replicas_keep_every_grant_fresh_through_a_sigkill(
     provider: DevProvider, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     provider.settings.access_token_ttl = TOKEN_TTL
-    fleet = await start_fleet(provider, [own_redis.url] * 3, tmp_path, {**TUNING, "log_level": "info"})
+    fleet = await start_fleet(
+        provider, [own_redis.url] * 3, tmp_path, {**TUNING, "log_level": "info"}
+    )
     try:
         async with aiohttp.ClientSession() as http:
             for i in range(GRANTS):

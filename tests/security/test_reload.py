@@ -17,7 +17,7 @@ from broker.auth import hash_key
 from broker.devprovider import DevProvider
 from tests.conftest import RedisServer, path
 from tests.fleet import Replica, start_fleet, stop_fleet
-from tests.test_client_limits import api_key, bearer, counted
+from tests.security.test_client_limits import api_key, bearer, counted
 
 WAIT_POLLS = 200
 WAIT_POLL = 0.05
