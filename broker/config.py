@@ -23,7 +23,8 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from broker.errors import ConfigError
-from broker.settings_model import Settings, layered
+from broker.settings_layers import layered
+from broker.settings_model import Settings
 from broker.settings_providers import (
     CLIENT_AUTH_METHODS,
     PERMISSIONS,

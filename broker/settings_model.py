@@ -10,7 +10,7 @@ chart's values.schema.json (``python -m broker.settings_docs``).
 To add a setting, add one field to the model it belongs to, with its type (``Count`` for whole
 numbers, ``Number`` for seconds), its default, its constraints (``ge``, ``le``, ``gt``, a
 ``Check``) and a ``description`` (the documentation's "meaning"); rules that involve several
-settings go in a model validator raising ``setting_error(name, problem)``. Then run
+settings go in :mod:`broker.settings_rules`, raising ``setting_error(name, problem)``. Then run
 ``python -m broker.settings_docs`` to regenerate the documentation and the chart's schema
 (tests/test_settings_generated.py fails until you do). Nothing else is written by hand; only a
 new ``[[clients]]`` setting also needs the Helm chart, which passes a client's keys by name (its
@@ -19,19 +19,17 @@ new ``[[clients]]`` setting also needs the Helm chart, which passes a client's k
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from broker.settings_providers import ClientSettings, ProviderSettings, check_clients
+from broker.settings_layers import layers
+from broker.settings_providers import ClientSettings, ProviderSettings
+from broker.settings_rules import check_together
 from broker.settings_types import (
     AUTHORIZATION_TTL,
-    CLUSTER_SCHEME,
     KEY_PREFIX,
     MEMORY_URL,
     PROVIDER_NAME,
@@ -50,24 +48,10 @@ from broker.settings_types import (
     setting_error,
     without_password,
 )
-from broker.settings_webhooks import WebhookSettings, check_webhooks
+from broker.settings_webhooks import WebhookSettings
 
 ProviderName = Annotated[str, matching(PROVIDER_NAME, "name must match [a-z0-9][a-z0-9_-]{0,62}")]
 LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"], CaseInsensitive]
-
-# Sources that ``broker.config.build_settings`` layers under the constructor's arguments (the
-# environment over the TOML document) while it builds settings; none otherwise.
-_LAYERS: ContextVar[tuple[PydanticBaseSettingsSource, ...]] = ContextVar("layers", default=())
-
-
-@contextmanager
-def layered(*sources: PydanticBaseSettingsSource) -> Iterator[None]:
-    """Within the block, ``Settings()`` reads ``sources`` (the first wins)."""
-    token = _LAYERS.set(sources)
-    try:
-        yield
-    finally:
-        _LAYERS.reset(token)
 
 
 class Settings(DataclassFields, BaseSettings):
@@ -362,7 +346,7 @@ class Settings(DataclassFields, BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Constructor arguments, then (while ``build_settings`` loads) its layers: the given
         environment's ``BROKER_*`` over the TOML document; never the process's environment."""
-        return (init_settings, *_LAYERS.get())
+        return (init_settings, *layers())
 
     @field_validator("public_url")
     @classmethod
@@ -387,48 +371,8 @@ class Settings(DataclassFields, BaseSettings):
         return named
 
     @model_validator(mode="after")
-    def _safe_together(self) -> Self:
-        """Settings that are only safe together (docs/operations.md, "Locks and timeouts")."""
-        if self.default_min_ttl > self.max_min_ttl:
-            raise setting_error("default_min_ttl", "must be 0..max_min_ttl")
-        if self.retry_base > self.retry_max:
-            raise setting_error("retry_base", "must be in (0, retry_max]")
-        held = self.provider_timeout + self.rotated_write_window + self.redis_timeout
-        if self.lock_ttl < held:
-            raise setting_error(
-                "lock_ttl",
-                f"must be at least provider_timeout + rotated_write_window + redis_timeout "
-                f"(= {held:g}): a refresh holds its lock through the provider call and the write "
-                "of its result, or another replica could present the same refresh token",
-            )
-        if self.min_replicas_to_ack and self.replica_ack_timeout >= self.redis_timeout:
-            raise setting_error(
-                "replica_ack_timeout",
-                f"must be shorter than redis_timeout ({self.redis_timeout:g}): WAIT blocks its "
-                "connection that long, and the command would time out first",
-            )
-        if self.min_replicas_to_ack and urlsplit(self.redis_url).scheme == CLUSTER_SCHEME:
-            raise setting_error(
-                "min_replicas_to_ack",
-                "is not supported with redis+cluster (WAIT would have to run on each grant's "
-                "node); use 0, or a Sentinel-managed Redis",
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _workers_share_a_store(self) -> Self:
-        if self.workers > 1 and self.is_memory_store:
-            raise setting_error(
-                "workers",
-                "must be 1 with the embedded memory:// store (each worker process would hold a "
-                "store of its own); set redis_url to a Redis server",
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _clients_fit(self) -> Self:
-        check_clients(self.clients, self.providers)
-        check_webhooks(self.webhooks, list(self.providers))
+    def _together(self) -> Self:
+        check_together(self)
         return self
 
     @property
