@@ -36,7 +36,6 @@ from broker.settings_types import (
     AllowlistEntry,
     CaseInsensitive,
     Count,
-    DataclassFields,
     Derived,
     Flag,
     Number,
@@ -54,7 +53,7 @@ ProviderName = Annotated[str, matching(PROVIDER_NAME, "name must match [a-z0-9][
 LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"], CaseInsensitive]
 
 
-class Settings(DataclassFields, BaseSettings):
+class Settings(BaseSettings):
     """broker.toml; each top-level setting may also come from the variable BROKER_<NAME>."""
 
     model_config = SettingsConfigDict(env_prefix="BROKER_", frozen=True, extra="forbid")

@@ -26,7 +26,6 @@ from broker.settings_types import (
     SHA256_HEX,
     AllowlistEntry,
     Count,
-    DataclassFields,
     Derived,
     Flag,
     HttpUrl,
@@ -57,7 +56,7 @@ TOKEN_ENDPOINT_GIVEN: JsonDict = {
 }
 
 
-class ProviderSettings(DataclassFields, BaseModel):
+class ProviderSettings(BaseModel):
     """A [providers.<name>] table: an OAuth2 authorization server; the name is in API paths."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=TOKEN_ENDPOINT_GIVEN)
@@ -235,7 +234,7 @@ MAX_USER_ID_PATTERNS = 256
 CLIENT_PROVIDER = re.compile(r"^(\*|[a-z0-9][a-z0-9_-]{0,62})$")  # a provider name, or "*"
 
 
-class RateLimit(DataclassFields, BaseModel):
+class RateLimit(BaseModel):
     """A client's ``rate_limit``: a token bucket shared by all replicas (broker/ratelimit.py)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -248,7 +247,7 @@ class RateLimit(DataclassFields, BaseModel):
     )
 
 
-class ClientSettings(DataclassFields, BaseModel):
+class ClientSettings(BaseModel):
     """A [[clients]] table: an internal service calling the broker with an API key."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args, get_origin
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
@@ -238,22 +238,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class DataclassFields:
-    """Lets ``dataclasses.replace`` and ``dataclasses.fields`` work on a settings model, as they
-    did when settings were dataclasses (``replace`` builds a new, re-validated model)."""
-
-    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)  # type: ignore[misc]
-        names: list[str] = list(cls.model_fields)  # type: ignore[attr-defined]
-        mirror = dataclasses.make_dataclass(
-            cls.__name__, [(name, Any, dataclasses.field(default=None)) for name in names]
-        )
-        cls.__dataclass_fields__ = {f.name: f for f in dataclasses.fields(mirror)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from broker.settings_types import (
     Check,
     Count,
-    DataclassFields,
     Flag,
     HttpUrl,
     Number,
@@ -68,7 +67,7 @@ def _webhook_secret(value: Secret) -> Secret:
 WebhookSecret = Annotated[SecretText, Check(_webhook_secret)]
 
 
-class WebhookSettings(DataclassFields, BaseModel):
+class WebhookSettings(BaseModel):
     """A [[webhooks]] table: a receiver of grant events, signed as Standard Webhooks do."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
 
 from broker.config import Settings, build_settings, load_settings, parse_encryption_keys
 from broker.errors import ConfigError
@@ -491,20 +489,3 @@ def test_settings_made_in_code_never_read_the_process_environment(
     monkeypatch.setenv("BROKER_PORT", "9999")
     assert Settings().port == 8080
     assert build(config()).port == 8080  # only the environment given to build_settings counts
-
-
-def test_dataclasses_replace_and_fields_keep_working_on_settings() -> None:
-    """app.py, oauth.py and the deployment checks predate the models: replace() still copies
-    (and re-validates) settings, and fields() still lists them."""
-    settings = build(config(providers={"alfresco": provider(client_secret="cs")}))
-    alfresco = replace(settings.providers["alfresco"], token_url="https://other.example/token")
-    changed = replace(settings, scheduler_enabled=False, providers={"alfresco": alfresco})
-    assert not changed.scheduler_enabled
-    assert changed.encryption_keys == settings.encryption_keys
-    assert changed.providers["alfresco"].token_url == "https://other.example/token"
-    assert (
-        changed.providers["alfresco"].client_secret == settings.providers["alfresco"].client_secret
-    )
-    assert {"lock_ttl", "providers", "encryption_keys"} <= {f.name for f in fields(Settings)}
-    with pytest.raises(ValidationError):
-        replace(settings, lock_ttl=1)
