@@ -80,7 +80,7 @@ class LockStore:
         args: list[str | int] = [token, int(ttl * 1000)]
         with self._store.guard("lock"):
             if self._min_replicas <= 0:
-                taken = await self._acquire(keys=keys, args=args)
+                taken = await self._store.batch.script(self._acquire, keys, args)
             else:
                 pipe = self._store.redis.pipeline(transaction=False)
                 await self._acquire(keys=keys, args=args, client=pipe)
@@ -100,14 +100,14 @@ class LockStore:
 
     async def renew(self, provider: str, user_id: str, token: str, ttl: float) -> bool:
         with self._store.guard("lock"):
-            renewed = await self._renew(
-                keys=[self._key(provider, user_id)], args=[token, int(ttl * 1000)]
+            renewed = await self._store.batch.script(
+                self._renew, [self._key(provider, user_id)], [token, int(ttl * 1000)]
             )
         return bool(renewed)
 
     async def release(self, provider: str, user_id: str, token: str) -> None:
         with self._store.guard("lock"):
-            await self._release(keys=[self._key(provider, user_id)], args=[token])
+            await self._store.batch.script(self._release, [self._key(provider, user_id)], [token])
 
 
 @dataclass

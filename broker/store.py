@@ -290,7 +290,8 @@ class GrantStore:
         self._delete = redis.register_script(script("delete_grant.lua"))
         # One script may only name keys of one Redis Cluster slot; the stream is in another.
         self._atomic_events = not isinstance(redis, RedisCluster)
-        self._reads = ReadBatcher(redis, ("v", "blob"))
+        self.batch = schedule.batch
+        self._reads = ReadBatcher(self.batch, ("v", "blob"))
 
     async def read(self, provider: str, user_id: str) -> Grant | None:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
@@ -364,7 +365,7 @@ class GrantStore:
         acked: int | None = None
         with self.guard("write"):
             if self._min_replicas <= 0:
-                written = await self._fenced_write(keys=keys, args=args)
+                written = await self.batch.script(self._fenced_write, keys, args)
             else:
                 pipe = self.redis.pipeline(transaction=False)
                 await self._fenced_write(keys=keys, args=args, client=pipe)
