@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-from urllib.parse import parse_qsl, quote_plus
+from urllib.parse import parse_qsl, quote_plus, urlencode
 
 import aiohttp
 import structlog
@@ -32,6 +32,7 @@ from broker.errors import ConfigError, ProviderError, ProviderRejected, Provider
 from broker.models import MAX_SCOPE_CHARS, MAX_TOKEN_CHARS, TokenSet
 from broker.tls import transport_failure
 
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 MAX_RETRY_AFTER = 3600
 MAX_EXPIRES_IN = 10 * 366 * 86400
 ERROR_CODE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -220,7 +221,7 @@ class OAuthClient:
     async def _post(
         self, provider: ProviderSettings, url: str, form: dict[str, str]
     ) -> tuple[int, Mapping[str, str], bytes]:
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "Content-Type": FORM_CONTENT_TYPE}
         form = dict(form)
         secret = provider.client_secret.reveal() if provider.client_secret else None
         if secret is not None and provider.client_auth == "client_secret_basic":
@@ -233,7 +234,13 @@ class OAuthClient:
                 form["client_secret"] = secret
         try:
             async with self._session.post(
-                url, data=form, headers=headers, timeout=self._timeout, allow_redirects=False
+                # Encoded here: a dict makes aiohttp build a FormData, a multipart writer and a
+                # uuid4 boundary on every call, then send the very same urlencoded body.
+                url,
+                data=urlencode(form).encode(),
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as response:
                 body = await _read_bounded(response, self._max_bytes)
                 return response.status, response.headers, body
