@@ -289,9 +289,11 @@ class Refresher:
         background = trigger in ("scheduled", "probe")
         try:
             if background:
-                held = await self.locks.acquire(provider, user_id, wait=0.0)
+                held = await self.locks.acquire(provider, user_id, wait=0.0, read=True)
             else:
-                held = await self.locks.acquire(provider, user_id, until=no_longer_needed)
+                held = await self.locks.acquire(
+                    provider, user_id, until=no_longer_needed, read=True
+                )
         except LockBusy:
             if background:
                 raise
@@ -305,7 +307,12 @@ class Refresher:
             return await self._read(provider, user_id)  # another holder stored what we need
         renewer = asyncio.create_task(self.locks.keep_renewed(held))
         try:
-            grant = await self._read(provider, user_id)
+            # Re-read under the lock (another replica may have refreshed already): read by
+            # the very script that took it.
+            assert held.record is not None
+            grant = self._checked(
+                provider, self._store.decode_record(provider, user_id, *held.record)
+            )
             if satisfied(grant):
                 return grant
             try:
@@ -407,7 +414,10 @@ class Refresher:
         self._metrics.refresh_duration.labels(grant.provider).observe(time.perf_counter() - started)
 
     async def _read(self, provider: str, user_id: str) -> Grant:
-        grant = await self._store.read(provider, user_id)
+        return self._checked(provider, await self._store.read(provider, user_id))
+
+    @staticmethod
+    def _checked(provider: str, grant: Grant | None) -> Grant:
         if grant is None:
             raise GrantNotFound(f"no grant for this user at {provider!r}")
         if grant.state == "reauth_required":

@@ -297,6 +297,11 @@ class GrantStore:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
         with self.guard("read"):
             version, blob = await self._reads.hmget(self.keys.grant_key(provider, user_id))
+        return self.decode_record(provider, user_id, version, blob)
+
+    def decode_record(self, provider: str, user_id: str, version: Any, blob: Any) -> Grant | None:
+        """A record's ``v`` and ``blob`` fields as read (None where absent) as a Grant, or None
+        if there is no record; GrantUnreadable as :meth:`decode`."""
         if version is None or not isinstance(blob, bytes):
             return None
         return self.decode(provider, user_id, version, blob)
