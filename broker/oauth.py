@@ -26,6 +26,8 @@ from urllib.parse import parse_qsl, quote_plus, urlencode
 
 import aiohttp
 import structlog
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from broker.config import ProviderSettings, provider_url
 from broker.errors import ConfigError, ProviderError, ProviderRejected, ProviderUnavailable
@@ -89,6 +91,22 @@ class OAuthClient:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._max_bytes = max_response_bytes
+        self._proxies: dict[str, dict[str, Any]] = {}
+
+    async def _proxy(self, url: str) -> dict[str, Any]:
+        """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``NO_PROXY``...), as
+        aiohttp's ``trust_env`` finds it, looked up once per URL: the session's own lookup
+        (``trust_env=True``) runs in a thread on every request, which cost about 40 % of the
+        CPU of a refresh (docs/performance.md). The environment does not change at run time."""
+        via = self._proxies.get(url)
+        if via is None:
+            try:
+                proxy, auth = await asyncio.to_thread(get_env_proxy_for_url, URL(url))
+                via = {"proxy": proxy, "proxy_auth": auth}
+            except LookupError:  # none set, or NO_PROXY names this host
+                via = {}
+            self._proxies[url] = via
+        return via
 
     async def refresh(self, provider: ProviderSettings, refresh_token: str) -> TokenSet:
         """New tokens for ``refresh_token`` (RFC 6749 §6)."""
@@ -137,6 +155,7 @@ class OAuthClient:
                 headers={"Accept": "application/json"},
                 timeout=self._timeout,
                 allow_redirects=False,
+                **await self._proxy(url),
             ) as response:
                 body = await _read_bounded(response, self._max_bytes)
                 status = response.status
@@ -241,6 +260,7 @@ class OAuthClient:
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
+                **await self._proxy(url),
             ) as response:
                 body = await _read_bounded(response, self._max_bytes)
                 return response.status, response.headers, body
