@@ -1,12 +1,14 @@
 """Benchmark the background refresher; prints figures, asserts nothing.
 
 1. Throughput: N grants all due at once, refreshed by one broker process against the dev
-   provider running in another process; refreshes per second until all are done.
+   provider running in another process; refreshes per second until all are done, and the CPU
+   per refresh of the broker process and of the dev provider, each on its own.
 2. Idle cost: M grants stored, none due for an hour; CPU seconds per second used by the broker
    process (and by redis-server) while its scheduler runs.
 
     python bench/refresher.py                       # 2,000 due grants, 1,000,000 idle grants
     python bench/refresher.py --due 500 --idle 100000
+    python bench/refresher.py --due 2000 --idle 0    # throughput only
 
 Starts a throwaway redis-server (needs Debian's redis-server) unless --redis-url is given;
 with --redis-url it uses key prefix "bench" and deletes its keys afterwards.
