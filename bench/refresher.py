@@ -1,12 +1,14 @@
 """Benchmark the background refresher; prints figures, asserts nothing.
 
 1. Throughput: N grants all due at once, refreshed by one broker process against the dev
-   provider running in another process; refreshes per second until all are done.
+   provider running in another process; refreshes per second until all are done, and the CPU
+   per refresh of the broker process and of the dev provider, each on its own.
 2. Idle cost: M grants stored, none due for an hour; CPU seconds per second used by the broker
    process (and by redis-server) while its scheduler runs.
 
     python bench/refresher.py                       # 2,000 due grants, 1,000,000 idle grants
     python bench/refresher.py --due 500 --idle 100000
+    python bench/refresher.py --due 2000 --idle 0    # throughput only
 
 Starts a throwaway redis-server (needs Debian's redis-server) unless --redis-url is given;
 with --redis-url it uses key prefix "bench" and deletes its keys afterwards.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import shutil
 import socket
 import subprocess
@@ -44,6 +47,12 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_provider(conn: Connection, port: int, tokens: int) -> None:
@@ -81,7 +90,8 @@ def settings_for(redis_url: str, provider_url: str, concurrency: int) -> Setting
 
 
 async def throughput(redis_url: str, due: int, concurrency: int) -> tuple[float, float]:
-    """Refreshes per second and CPU seconds per refresh of one broker process."""
+    """Refreshes per second and CPU seconds per refresh of one broker process (the dev
+    provider's CPU per refresh printed too: on a small machine it bounds the rate)."""
     port = free_port()
     parent, child = multiprocessing.Pipe()
     process = multiprocessing.Process(target=run_provider, args=(child, port, due), daemon=True)
@@ -106,8 +116,9 @@ async def throughput(redis_url: str, due: int, concurrency: int) -> tuple[float,
     await loader.cleanup()
     app = create_app(settings)
     runner = web.AppRunner(app)
+    assert process.pid is not None
     started = time.perf_counter()
-    cpu = time.process_time()
+    cpu, provider_cpu = time.process_time(), process_cpu(process.pid)
     await runner.setup()  # the scheduler starts claiming here
     registry = app[METRICS].registry
     while True:
@@ -123,10 +134,12 @@ async def throughput(redis_url: str, due: int, concurrency: int) -> tuple[float,
         await asyncio.sleep(0.05)
     elapsed = time.perf_counter() - started
     used = time.process_time() - cpu
+    provider_used = process_cpu(process.pid) - provider_cpu
     print(
         f"throughput: {due} refreshes in {elapsed:.2f} s = {due / elapsed:,.0f} refreshes/s "
-        f"(scheduler_concurrency={concurrency}; broker process CPU {used / elapsed:.2f} "
-        f"s/s; provider in its own process)"
+        f"(scheduler_concurrency={concurrency}); CPU per refresh: broker "
+        f"{used / due * 1000:.2f} ms ({used / elapsed:.2f} s/s), dev provider in its own "
+        f"process {provider_used / due * 1000:.2f} ms ({provider_used / elapsed:.2f} s/s)"
     )
     await runner.cleanup()
     process.terminate()
@@ -193,7 +206,9 @@ async def cleanup(redis_url: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--due", type=int, default=2000, help="grants for the throughput run")
-    parser.add_argument("--idle", type=int, default=1_000_000, help="grants for the idle run")
+    parser.add_argument(
+        "--idle", type=int, default=1_000_000, help="grants for the idle run (0: none)"
+    )
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--redis-url", help="default: a throwaway redis-server")
@@ -216,7 +231,8 @@ def main() -> None:
     try:
         asyncio.run(throughput(url, args.due, args.concurrency))
         asyncio.run(cleanup(url))
-        asyncio.run(idle_cost(url, args.idle, args.idle_seconds))
+        if args.idle:
+            asyncio.run(idle_cost(url, args.idle, args.idle_seconds))
     finally:
         asyncio.run(cleanup(url))
         if server is not None:

@@ -152,7 +152,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             limit=HTTP_POOL_LIMIT, ssl=client_context(settings.ca_bundle)
         ),
         headers={"User-Agent": USER_AGENT},
-        trust_env=True,
+        # The environment's proxy is applied by OAuthClient, looked up once per URL: with
+        # trust_env aiohttp looks it (and ~/.netrc) up in a thread on every request.
+        trust_env=False,
     )
     oauth = OAuthClient(
         session,

@@ -1,42 +1,61 @@
-"""Grant reads of one event-loop turn sent to Redis as one pipeline.
+"""Redis commands of one event-loop turn sent as one pipeline.
 
 redis-py's asyncio client spends more CPU on each command (pool checkout, retry wrapper, a
-timeout task per send, one system call each way) than the rest of a token request together.
-Under load many requests read in the same loop turn; their ``HMGET``s go out as one
-non-transactional pipeline: one checkout, one send, one receive, replies handed back in order.
-Each ``HMGET`` stays atomic and is sent only after its caller asked, so a read still sees every
-write acknowledged before it; a read alone waits one loop turn more.
+timeout task per send, one system call each way) than the rest of a token request together,
+and a refresh takes several commands (lock, read, write, indexes, unlock). Under load many
+callers send in the same loop turn; their commands go out as one non-transactional pipeline:
+one checkout, one send, one receive, replies handed back in order. Each command (each script)
+stays atomic and is sent only after its caller asked, so it still sees every write acknowledged
+before it; a command alone waits one loop turn more. A pipeline lost with its connection is sent
+again by redis-py's retry, as a single command would be: every script sent here is idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 MAX_BATCH = 256
 
 
-class ReadBatcher:
-    """``HMGET key *fields`` for many callers, batched per loop turn."""
+class CommandBatcher:
+    """Commands for many callers, batched per loop turn."""
 
-    def __init__(self, redis: aioredis.Redis, fields: tuple[str, ...]) -> None:
+    def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._fields = list(fields)
-        self._pending: list[tuple[str, asyncio.Future[list[Any]]]] = []
+        # A cluster pipeline runs no scripts: those go out one by one there.
+        self._scripts = not isinstance(redis, RedisCluster)
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flights: set[asyncio.Task[None]] = set()
 
-    async def hmget(self, key: str) -> list[Any]:
-        """The fields' values (None where absent); the error of this command, if any, or of
-        the whole pipeline (a connection lost) for every caller in it."""
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+    async def execute(self, *args: Any) -> Any:
+        """The reply of one command; the error of this command, if any, or of the whole
+        pipeline (a connection lost) for every caller in it."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append((key, future))
+        self._pending.append((args, future))
         if len(self._pending) >= MAX_BATCH:
             self._flush()
         return await future
+
+    async def script(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | bytes | int | float]
+    ) -> Any:
+        """A registered script by its digest (``EVALSHA``), loaded first if Redis does not
+        know it (a restarted or failed-over server): ``NOSCRIPT`` means it did not run."""
+        if self._scripts:
+            try:
+                return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                pass
+        return await script(keys=keys, args=args)
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -46,11 +65,11 @@ class ReadBatcher:
         self._flights.add(flight)
         flight.add_done_callback(self._flights.discard)
 
-    async def _send(self, batch: list[tuple[str, asyncio.Future[list[Any]]]]) -> None:
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
             pipe = self._redis.pipeline(transaction=False)
-            for key, _ in batch:
-                pipe.hmget(key, self._fields)
+            for args, _ in batch:
+                pipe.execute_command(*args)
             replies = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:  # shutdown: its callers are being cancelled too
             for _, future in batch:
@@ -68,3 +87,16 @@ class ReadBatcher:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+
+class ReadBatcher:
+    """``HMGET key *fields`` for many callers, through a :class:`CommandBatcher`."""
+
+    def __init__(self, redis: aioredis.Redis | CommandBatcher, fields: tuple[str, ...]) -> None:
+        self._batch = redis if isinstance(redis, CommandBatcher) else CommandBatcher(redis)
+        self._fields = fields
+
+    async def hmget(self, key: str) -> list[Any]:
+        """The fields' values (None where absent)."""
+        reply: list[Any] = await self._batch.execute("HMGET", key, *self._fields)
+        return reply

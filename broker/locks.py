@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -23,6 +24,8 @@ from broker.errors import StoreUnavailable, UpstreamUnavailable
 from broker.store import GrantStore, script
 
 log = structlog.get_logger(__name__)
+
+Record = tuple[Any, Any]  # a grant's stored ``v`` and ``blob`` (None where absent)
 
 POLL_FIRST = 0.02
 POLL_MAX = 0.25
@@ -66,48 +69,70 @@ class LockStore:
         self._ack_timeout = ack_timeout
         redis = store.redis
         self._acquire = redis.register_script(script("lock_acquire.lua"))
+        self._acquire_read = redis.register_script(script("lock_acquire_read.lua"))
         self._renew = redis.register_script(script("lock_renew.lua"))
         self._release = redis.register_script(script("lock_release.lua"))
 
     async def acquire(self, provider: str, user_id: str, ttl: float) -> str | float:
         """An owner token if we took the lock, else the seconds the holder's lock has left;
-        never blocks. With
-        ``min_replicas_to_ack`` the lock is replicated before we rely on it (``WAIT`` on the
-        same connection), so a failover right after cannot hand it to another replica; a lock
-        the replicas did not confirm in time is used anyway, logged and counted."""
+        never blocks (see ``acquire_reading``)."""
+        taken, _ = await self._take(provider, user_id, ttl, read=False)
+        return taken
+
+    async def acquire_reading(
+        self, provider: str, user_id: str, ttl: float
+    ) -> tuple[str | float, Record | None]:
+        """``acquire`` for a grant's lock, and when we took it, the grant's record (``v``,
+        ``blob``) read in the same script: the read a holder must make after taking the lock,
+        one round trip sooner."""
+        return await self._take(provider, user_id, ttl, read=True)
+
+    async def _take(
+        self, provider: str, user_id: str, ttl: float, *, read: bool
+    ) -> tuple[str | float, Record | None]:
+        """With ``min_replicas_to_ack`` the lock is replicated before we rely on it (``WAIT`` on
+        the same connection), so a failover right after cannot hand it to another replica; a
+        lock the replicas did not confirm in time is used anyway, logged and counted."""
         token = secrets.token_hex(16)
         keys = [self._key(provider, user_id)]
+        if read:
+            keys.append(self._store.keys.grant_key(provider, user_id))
+        script = self._acquire_read if read else self._acquire
         args: list[str | int] = [token, int(ttl * 1000)]
+        acked: int | None = None
         with self._store.guard("lock"):
             if self._min_replicas <= 0:
-                taken = await self._acquire(keys=keys, args=args)
+                reply = await self._store.batch.script(script, keys, args)
             else:
                 pipe = self._store.redis.pipeline(transaction=False)
-                await self._acquire(keys=keys, args=args, client=pipe)
+                await script(keys=keys, args=args, client=pipe)
                 pipe.execute_command("WAIT", self._min_replicas, int(self._ack_timeout * 1000))
-                taken, acked = await pipe.execute()
-                if int(taken) == 1 and int(acked) < self._min_replicas:
-                    # Used anyway (refusing would stop every refresh while a replica is down),
-                    # but counted: a failover now could hand this lock to another replica.
-                    self._store.guard.metrics.replication_unconfirmed.inc()
-                    log.warning(
-                        "lock.replication_unconfirmed",
-                        provider=provider,
-                        user_id=user_id,
-                        replicas=int(acked),
-                    )
-        return token if int(taken) == 1 else -int(taken) / 1000
+                reply, acked = await pipe.execute()
+        taken = int(reply[0] if read else reply)
+        if taken == 1 and acked is not None and int(acked) < self._min_replicas:
+            # Used anyway (refusing would stop every refresh while a replica is down), but
+            # counted: a failover now could hand this lock to another replica.
+            self._store.guard.metrics.replication_unconfirmed.inc()
+            log.warning(
+                "lock.replication_unconfirmed",
+                provider=provider,
+                user_id=user_id,
+                replicas=int(acked),
+            )
+        if taken != 1:
+            return -taken / 1000, None
+        return token, (reply[1], reply[2]) if read else None
 
     async def renew(self, provider: str, user_id: str, token: str, ttl: float) -> bool:
         with self._store.guard("lock"):
-            renewed = await self._renew(
-                keys=[self._key(provider, user_id)], args=[token, int(ttl * 1000)]
+            renewed = await self._store.batch.script(
+                self._renew, [self._key(provider, user_id)], [token, int(ttl * 1000)]
             )
         return bool(renewed)
 
     async def release(self, provider: str, user_id: str, token: str) -> None:
         with self._store.guard("lock"):
-            await self._release(keys=[self._key(provider, user_id)], args=[token])
+            await self._store.batch.script(self._release, [self._key(provider, user_id)], [token])
 
 
 @dataclass
@@ -120,6 +145,7 @@ class HeldLock:
     finished: bool = False  # its holder is done: stop renewing
     acquired_at: float = field(default_factory=time.monotonic)
     stage: str = "acquired"  # what the holder is doing: told when a hold lasts too long
+    record: Record | None = None  # the grant's, read with the lock (``acquire(read=True)``)
 
     def remaining(self) -> float:
         return 0.0 if self.lost else self.valid_until - time.monotonic()
@@ -140,18 +166,23 @@ class GrantLocks:
         *,
         wait: float | None = None,
         until: Callable[[], Awaitable[bool]] | None = None,
+        read: bool = False,
     ) -> HeldLock | None:
         """Take the lock, waiting up to ``wait`` (default ``lock_wait_timeout``) for its holder;
         None as soon as ``until()`` says the wait is no longer needed (checked between polls:
         the holder may have stored what we wanted). LockBusy when the wait runs out (at once
-        with ``wait=0``), with how long the holder's lock can last."""
+        with ``wait=0``), with how long the holder's lock can last. With ``read``, the held
+        lock carries the grant's record read in the same step (``record``)."""
         deadline = time.monotonic() + (self.wait_timeout if wait is None else wait)
         poll = POLL_FIRST
         while True:
             sent = time.monotonic()
-            token = await self._store.acquire(provider, user_id, self.ttl)
+            if read:
+                token, record = await self._store.acquire_reading(provider, user_id, self.ttl)
+            else:
+                token, record = await self._store.acquire(provider, user_id, self.ttl), None
             if isinstance(token, str):
-                return HeldLock(provider, user_id, token, sent + self.ttl)
+                return HeldLock(provider, user_id, token, sent + self.ttl, record=record)
             if time.monotonic() + poll > deadline:
                 raise LockBusy(token)
             if until is not None and await until():

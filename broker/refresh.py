@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import structlog
@@ -58,6 +58,7 @@ class _Flight:
     min_ttl: float
     background: bool  # the scheduler's: gives way to a busy lock at once (LockBusy)
     rejected: str | None = None  # a reported flight's: needed while the grant holds this token
+    stored: list[Grant] = field(default_factory=list)  # what its own write stored, once landed
 
 
 class Refresher:
@@ -181,6 +182,13 @@ class Refresher:
         flight = self._flight(provider, user_id, 0.0, "probe" if probe else "scheduled")
         return await asyncio.shield(flight.result)
 
+    async def refresh_scheduled(self, provider: str, user_id: str) -> tuple[Grant, bool]:
+        """:meth:`refresh_due`, and whether the grant returned is one this refresh's own write
+        stored: that write rescheduled it (the schedule holds its new due time, not a lease)."""
+        flight = self._flight(provider, user_id, 0.0, "scheduled")
+        grant = await asyncio.shield(flight.result)
+        return grant, any(stored is grant for stored in flight.stored)
+
     def in_flight(self, provider: str, user_id: str) -> bool:
         """Whether this process is refreshing that grant now."""
         return (provider, user_id) in self._inflight
@@ -198,11 +206,14 @@ class Refresher:
         flight = self._inflight.get(key)
         if flight is None:
             result: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+            stored: list[Grant] = []
             task = asyncio.create_task(
-                self._refresh(provider, user_id, min_ttl, trigger, result, rejected)
+                self._refresh(provider, user_id, min_ttl, trigger, result, rejected, stored)
             )
             background = trigger in ("scheduled", "probe")
-            flight = _Flight(task, result, 0.0 if background else min_ttl, background, rejected)
+            flight = _Flight(
+                task, result, 0.0 if background else min_ttl, background, rejected, stored
+            )
             self._inflight[key] = flight
             task.add_done_callback(lambda t: self._landed(key, flight))
         return flight
@@ -245,6 +256,7 @@ class Refresher:
         trigger: Trigger,
         result: asyncio.Future[Grant],
         rejected: str | None = None,
+        stored: list[Grant] | None = None,
     ) -> Grant:
         def satisfied(grant: Grant) -> bool:
             now = self.clock()
@@ -277,9 +289,11 @@ class Refresher:
         background = trigger in ("scheduled", "probe")
         try:
             if background:
-                held = await self.locks.acquire(provider, user_id, wait=0.0)
+                held = await self.locks.acquire(provider, user_id, wait=0.0, read=True)
             else:
-                held = await self.locks.acquire(provider, user_id, until=no_longer_needed)
+                held = await self.locks.acquire(
+                    provider, user_id, until=no_longer_needed, read=True
+                )
         except LockBusy:
             if background:
                 raise
@@ -293,11 +307,16 @@ class Refresher:
             return await self._read(provider, user_id)  # another holder stored what we need
         renewer = asyncio.create_task(self.locks.keep_renewed(held))
         try:
-            grant = await self._read(provider, user_id)
+            # Re-read under the lock (another replica may have refreshed already): read by
+            # the very script that took it.
+            assert held.record is not None
+            grant = self._checked(
+                provider, self._store.decode_record(provider, user_id, *held.record)
+            )
             if satisfied(grant):
                 return grant
             try:
-                return await self._refresh_locked(grant, held, trigger, result)
+                return await self._refresh_locked(grant, held, trigger, result, stored)
             except LockLost:
                 if rejected is None and (background or grant.valid_for(self.clock()) > 0):
                     return grant
@@ -307,7 +326,12 @@ class Refresher:
             await self.locks.release(held)
 
     async def _refresh_locked(
-        self, grant: Grant, held: HeldLock, trigger: Trigger, result: asyncio.Future[Grant]
+        self,
+        grant: Grant,
+        held: HeldLock,
+        trigger: Trigger,
+        result: asyncio.Future[Grant],
+        stored: list[Grant] | None = None,
     ) -> Grant:
         refresh_token = grant.refresh_token
         if refresh_token is None:
@@ -359,6 +383,8 @@ class Refresher:
             trigger=trigger,
             stored=outcome,
         )
+        if outcome == "written" and stored is not None:
+            stored.append(new)
         if outcome == "conflict":
             current = await self._store.read(new.provider, new.user_id)
             if current is None:
@@ -388,7 +414,10 @@ class Refresher:
         self._metrics.refresh_duration.labels(grant.provider).observe(time.perf_counter() - started)
 
     async def _read(self, provider: str, user_id: str) -> Grant:
-        grant = await self._store.read(provider, user_id)
+        return self._checked(provider, await self._store.read(provider, user_id))
+
+    @staticmethod
+    def _checked(provider: str, grant: Grant | None) -> Grant:
         if grant is None:
             raise GrantNotFound(f"no grant for this user at {provider!r}")
         if grant.state == "reauth_required":

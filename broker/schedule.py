@@ -9,12 +9,14 @@ update is found by the reconciler (``broker/reconcile.py``).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
+from broker.batching import CommandBatcher
 from broker.errors import StoreUnavailable
 from broker.metrics import Metrics
 from broker.models import Grant
@@ -33,33 +35,38 @@ class ScheduleIndex:
         self.metrics = metrics
         self._shards = shards
         self._next_shard = 0
+        self.batch = CommandBatcher(redis)
         self._claim = redis.register_script(script("claim_due.lua"))
         self._move_lease = redis.register_script(script("move_lease.lua"))
 
     async def index(self, grant: Grant) -> None:
         """Schedule and state indexes after a write; best effort (the reconciler heals them)."""
         m, p = member(grant.user_id), grant.provider
-        pipe = self.redis.pipeline(transaction=False)
+        commands: list[tuple[Any, ...]] = []
         if grant.state != "reauth_required" and grant.next_refresh_at is not None:
-            pipe.zadd(self.keys.schedule_of(p, m), {m: grant.next_refresh_at})
+            commands.append(("ZADD", self.keys.schedule_of(p, m), grant.next_refresh_at, m))
         elif grant.state == "active" and not grant.refreshable:
             # An access token alone without expiry: never due, but held here so the schedule's
             # size still counts every active grant (``broker_grants``).
-            pipe.zadd(self.keys.schedule_of(p, m), {m: math.inf})
+            commands.append(("ZADD", self.keys.schedule_of(p, m), math.inf, m))
         else:
-            pipe.zrem(self.keys.schedule_of(p, m), m)
+            commands.append(("ZREM", self.keys.schedule_of(p, m), m))
         for state in ("refresh_failing", "reauth_required"):
-            if grant.state == state:
-                pipe.sadd(self.keys.state_key(p, state), m)
-            else:
-                pipe.srem(self.keys.state_key(p, state), m)
+            verb = "SADD" if grant.state == state else "SREM"
+            commands.append((verb, self.keys.state_key(p, state), m))
         if grant.refresh_token_expires_at is not None and grant.state != "reauth_required":
-            pipe.zadd(self.keys.rt_expiry_key(p), {m: grant.refresh_token_expires_at})
+            commands.append(("ZADD", self.keys.rt_expiry_key(p), grant.refresh_token_expires_at, m))
         else:
-            pipe.zrem(self.keys.rt_expiry_key(p), m)
+            commands.append(("ZREM", self.keys.rt_expiry_key(p), m))
         try:
             with self.guard("index"):
-                await pipe.execute()
+                # Batched with other callers' commands of this loop turn (broker/batching.py).
+                replies = await asyncio.gather(
+                    *(self.batch.execute(*c) for c in commands), return_exceptions=True
+                )
+                for reply in replies:
+                    if isinstance(reply, BaseException):
+                        raise reply
         except StoreUnavailable:
             log.warning("store.index_failed", provider=p, user_id=grant.user_id)
 
@@ -94,9 +101,10 @@ class ScheduleIndex:
         take it off the schedule; only if the schedule still holds our lease: a grant write may
         have rescheduled it already, and that write wins."""
         with self.guard("claim"):
-            moved = await self._move_lease(
-                keys=[self.keys.schedule_of(provider, member(user_id))],
-                args=[member(user_id), repr(lease), "" if to is None else repr(to)],
+            moved = await self.batch.script(
+                self._move_lease,
+                [self.keys.schedule_of(provider, member(user_id))],
+                [member(user_id), repr(lease), "" if to is None else repr(to)],
             )
         return bool(moved)
 

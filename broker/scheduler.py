@@ -212,8 +212,10 @@ class Scheduler:
             self._schedule, provider, user_id, lease, self._policy.lease, self._clock
         )
         try:
-            grant = await self._refresher.refresh_due(provider, user_id)
-            if grant.next_refresh_at is not None:
+            grant, stored = await self._refresher.refresh_scheduled(provider, user_id)
+            # Refreshed and stored here: that write's index update replaced our lease (if the
+            # update was lost, the lease ends and the next claim finds the grant not due).
+            if grant.next_refresh_at is not None and not stored:
                 # Skipped (not due after all, refreshed elsewhere, circuit open): our lease must
                 # not stand in for the real due time. A write that rescheduled it already wins.
                 held, now = await keeper.stop(), self._clock()

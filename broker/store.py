@@ -290,12 +290,18 @@ class GrantStore:
         self._delete = redis.register_script(script("delete_grant.lua"))
         # One script may only name keys of one Redis Cluster slot; the stream is in another.
         self._atomic_events = not isinstance(redis, RedisCluster)
-        self._reads = ReadBatcher(redis, ("v", "blob"))
+        self.batch = schedule.batch
+        self._reads = ReadBatcher(self.batch, ("v", "blob"))
 
     async def read(self, provider: str, user_id: str) -> Grant | None:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
         with self.guard("read"):
             version, blob = await self._reads.hmget(self.keys.grant_key(provider, user_id))
+        return self.decode_record(provider, user_id, version, blob)
+
+    def decode_record(self, provider: str, user_id: str, version: Any, blob: Any) -> Grant | None:
+        """A record's ``v`` and ``blob`` fields as read (None where absent) as a Grant, or None
+        if there is no record; GrantUnreadable as :meth:`decode`."""
         if version is None or not isinstance(blob, bytes):
             return None
         return self.decode(provider, user_id, version, blob)
@@ -364,7 +370,7 @@ class GrantStore:
         acked: int | None = None
         with self.guard("write"):
             if self._min_replicas <= 0:
-                written = await self._fenced_write(keys=keys, args=args)
+                written = await self.batch.script(self._fenced_write, keys, args)
             else:
                 pipe = self.redis.pipeline(transaction=False)
                 await self._fenced_write(keys=keys, args=args, client=pipe)

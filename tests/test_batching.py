@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from broker.batching import ReadBatcher
+from broker.batching import CommandBatcher, ReadBatcher
 from tests.conftest import RedisServer
 
 
@@ -67,5 +67,24 @@ async def test_a_cancelled_reader_leaves_the_others_their_answers(
         assert await kept == [b"7", b"x"]
         with pytest.raises(asyncio.CancelledError):
             await gone
+    finally:
+        await client.aclose()
+
+
+async def test_scripts_go_by_digest_and_are_loaded_again_when_redis_forgot_them(
+    own_redis: RedisServer,
+) -> None:
+    """A restarted or failed-over Redis knows no scripts: NOSCRIPT means the script did not
+    run, so it is loaded and run once, for every caller in the batch."""
+    client = aioredis.Redis.from_url(own_redis.url)
+    try:
+        counter = client.register_script("return redis.call('INCR', KEYS[1])")
+        batcher = CommandBatcher(client)
+        key = "counter"
+        assert await batcher.script(counter, [key], []) == 1
+        await client.script_flush()
+        answers = await asyncio.gather(*(batcher.script(counter, [key], []) for _ in range(5)))
+        assert sorted(answers) == [2, 3, 4, 5, 6]
+        assert await client.get(key) == b"6"
     finally:
         await client.aclose()

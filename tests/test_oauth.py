@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -168,3 +169,39 @@ async def test_revocation_outcomes(oauth: OAuthClient, provider: DevProvider) ->
     assert await oauth.revoke(settings_for(provider, revocation_url=None), "rt") == "not_supported"
     unreachable = settings_for(provider, revocation_url="http://127.0.0.1:9/revoke")
     assert await oauth.revoke(unreachable, "rt") == "failed"
+
+
+@pytest.mark.parametrize("bypassed", [False, True])
+async def test_the_environments_proxy_carries_provider_calls_unless_no_proxy_names_the_host(
+    provider: DevProvider,
+    aiohttp_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    bypassed: bool,
+) -> None:
+    """HTTP_PROXY / HTTPS_PROXY / NO_PROXY apply as aiohttp's trust_env would apply them (the
+    app's session leaves them to OAuthClient, which looks them up once per URL)."""
+    targets: list[str] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        targets.append(str(request.url))
+        body = {"access_token": "at-via-proxy", "token_type": "Bearer", "expires_in": 60}
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    server = await aiohttp_server(app)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+    if bypassed:
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with aiohttp.ClientSession(trust_env=False) as session:  # as the app's
+        oauth = OAuthClient(session, timeout=2, connect_timeout=2, max_response_bytes=4096)
+        for _ in range(2):
+            tokens = await oauth.refresh(settings_for(provider), provider.issue_refresh_token())
+    if bypassed:
+        assert targets == []
+        assert tokens.access_token.startswith("at_")  # the dev provider's own
+    else:
+        assert targets == [provider.token_url] * 2  # absolute-form: a proxy's request
+        assert tokens.access_token == "at-via-proxy"
