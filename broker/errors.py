@@ -161,8 +161,18 @@ class ProviderRejected(ProviderError):
 
 
 class ProviderUnavailable(ProviderError):
-    """The provider could not answer usefully now; ``retry_after`` if it said when to retry."""
+    """The provider could not answer usefully now; ``retry_after`` if it said when to retry.
+    ``rotated_refresh_token``: an otherwise unusable answer still carried a new refresh token,
+    so the one presented is spent (kept out of the message: a secret)."""
 
-    def __init__(self, reason: str, detail: str = "", *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        retry_after: float | None = None,
+        rotated_refresh_token: str | None = None,
+    ) -> None:
         super().__init__(reason, detail)
         self.retry_after = retry_after
+        self.rotated_refresh_token = rotated_refresh_token

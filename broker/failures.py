@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 
@@ -22,6 +23,7 @@ from broker.errors import (
     StoreUnavailable,
     UpstreamUnavailable,
 )
+from broker.issued import IssuedWriter
 from broker.metrics import Metrics
 from broker.models import Grant
 from broker.policy import RefreshPolicy
@@ -79,6 +81,36 @@ class Failures:
             if current is not None and current.state != "reauth_required":
                 failed = current  # a newer record: its token may be fresh
         if failed.valid_for(self.clock()) > 0:
+            return failed
+        raise UpstreamUnavailable(
+            f"the provider could not refresh the token ({err.reason})",
+            retry_after=math.ceil(err.retry_after or 1),
+        ) from err
+
+    async def rotated(
+        self, grant: Grant, err: ProviderUnavailable, trigger: str, issued: IssuedWriter
+    ) -> Grant:
+        """An unusable answer that still carried a new refresh token: the provider may have
+        spent the one presented, so the failure is recorded on a grant holding the new one,
+        written like any rotation (retried through ``rotated_write_window``): the new token is
+        not lost and the old one is never presented again."""
+        assert err.rotated_refresh_token is not None
+        kept = replace(
+            grant,
+            refresh_token=err.rotated_refresh_token,
+            refresh_token_issued_at=self.clock(),
+        )
+        failed = self.failed(kept, err.reason, retry_after=err.retry_after)
+        outcome = await issued.write(failed, grant.version)
+        log.warning(
+            "refresh.rotated_in_unusable_answer",
+            provider=grant.provider,
+            user_id=grant.user_id,
+            reason=err.reason,
+            trigger=trigger,
+            stored=outcome,
+        )
+        if outcome == "written" and failed.valid_for(self.clock()) > 0:
             return failed
         raise UpstreamUnavailable(
             f"the provider could not refresh the token ({err.reason})",

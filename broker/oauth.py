@@ -316,15 +316,22 @@ def _parse_fields(content_type: str, body: bytes) -> dict[str, Any] | None:
 
 
 def _token_set(fields: Mapping[str, Any], default_expires_in: int) -> TokenSet:
-    access = fields.get("access_token")
-    if not isinstance(access, str) or not access or len(access) > MAX_TOKEN_CHARS:
-        raise ProviderUnavailable("malformed_response", "no usable access_token")
     refresh = fields.get("refresh_token")
     if refresh is not None and (not isinstance(refresh, str) or len(refresh) > MAX_TOKEN_CHARS):
         raise ProviderUnavailable("malformed_response", "unusable refresh_token")
+    # A usable new refresh token in an otherwise unusable answer travels with the error: the
+    # provider may have rotated, and the one presented may be dead now.
+    rotated = refresh or None
+    access = fields.get("access_token")
+    if not isinstance(access, str) or not access or len(access) > MAX_TOKEN_CHARS:
+        raise ProviderUnavailable(
+            "malformed_response", "no usable access_token", rotated_refresh_token=rotated
+        )
     token_type = fields.get("token_type", "Bearer")
     if not isinstance(token_type, str) or not 0 < len(token_type) <= 64:
-        raise ProviderUnavailable("malformed_response", "unusable token_type")
+        raise ProviderUnavailable(
+            "malformed_response", "unusable token_type", rotated_refresh_token=rotated
+        )
     expires_in = _expires_in(fields.get("expires_in"))
     return TokenSet(
         access_token=access,

@@ -359,6 +359,8 @@ class Refresher:
             breaker.record_failure(err.reason)
             self._count(grant, "transient", trigger, started)
             held.stage = "record_failure"
+            if err.rotated_refresh_token not in (None, refresh_token):
+                return await self._failures.rotated(grant, err, trigger, self.issued)
             return await self._failures.transient(grant, err, trigger)
         except BaseException:
             breaker.release_probe()

@@ -280,3 +280,62 @@ async def test_a_stored_grant_survives_any_answer(
     status, body, _ = await broker.call("GET", "/v1/tokens/dev/u")
     assert (status, body["access_token"]) == (200, "at-new")
     assert stub.seen == ["rt-stored-5a8e31", "rt-stored-5a8e31"]
+
+
+async def test_an_unusable_answer_carries_its_rotated_refresh_token_out_of_sight(
+    stub: Stub, oauth: OAuthClient
+) -> None:
+    stub.answer = tokens(access_token=None, refresh_token="rt-rotated-in-garbage-9d2e")
+    with pytest.raises(ProviderUnavailable) as caught:
+        await oauth.refresh(provider_of(stub), "rt-presented-7c41")
+    assert caught.value.reason == "malformed_response"
+    assert caught.value.rotated_refresh_token == "rt-rotated-in-garbage-9d2e"
+    assert_no_secret(caught.value, "rt-rotated-in-garbage-9d2e")
+    stub.answer = tokens(access_token=None)  # no rotation: nothing to keep
+    with pytest.raises(ProviderUnavailable) as caught:
+        await oauth.refresh(provider_of(stub), "rt-presented-7c41")
+    assert caught.value.rotated_refresh_token is None
+
+
+async def test_a_refresh_token_rotated_in_an_unusable_answer_is_kept_and_used_next(
+    stub: Stub, make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """The provider rotated but its answer has no usable access token: the old refresh token
+    is spent, so presenting it again would be a reuse (a strict provider revokes the grant).
+    The new one is stored with the failure and presented next."""
+    clock = Clock()
+    broker = await make_broker(
+        clock,
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        provider={
+            "token_url": stub.url,
+            "authorize_url": None,
+            "revocation_url": None,
+            "client_secret": CLIENT_SECRET,
+            "client_auth": "client_secret_post",
+        },
+    )
+    SECRETS.update({"rt-first-31c7", "rt-second-31c7", "rt-third-31c7"})
+    status, _ = await broker.import_grant(
+        "u", refresh_token="rt-first-31c7", access_token="at-old", expires_in=600
+    )
+    assert status == 201
+    clock.advance(3600)
+    stub.answer = tokens(access_token={"bad": 1}, refresh_token="rt-second-31c7")
+
+    status, body, _ = await broker.call("GET", "/v1/tokens/dev/u")
+    assert (status, body["code"]) == (503, "upstream_unavailable")
+    stored = await broker.app[STORE].read("dev", "u")
+    assert stored is not None
+    assert stored.refresh_token == "rt-second-31c7"
+    assert (stored.state, stored.last_error) == ("refresh_failing", "malformed_response")
+
+    stub.answer = tokens(refresh_token="rt-third-31c7", expires_in=3600)
+    clock.advance(600)  # past any backoff
+    status, body, _ = await broker.call("GET", "/v1/tokens/dev/u")
+    assert (status, body["access_token"]) == (200, "at-new")
+    assert stub.seen == ["rt-first-31c7", "rt-second-31c7"]
+    stored = await broker.app[STORE].read("dev", "u")
+    assert stored is not None
+    assert (stored.refresh_token, stored.state) == ("rt-third-31c7", "active")
