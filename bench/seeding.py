@@ -11,8 +11,9 @@ import time
 import redis
 
 from broker.crypto import KeyRing, grant_aad
+from broker.keys import Keys, member
 from broker.models import Grant
-from broker.store import INCARNATION_BITS, Keys, member
+from broker.store import INCARNATION_BITS
 
 PROVIDER = "dev"
 USER = "user-"

@@ -32,6 +32,7 @@ from broker.census import KeyCensus
 from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.grants import GrantService
+from broker.keys import Keys
 from broker.locks import GrantLocks, LockStore
 from broker.metrics import Metrics
 from broker.middlewares import RATE_LIMITER, make_middlewares
@@ -44,7 +45,7 @@ from broker.refresh import Refresher
 from broker.reload import Reloader
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
-from broker.store import GrantStore, Guard, Keys, close, connect
+from broker.store import GrantStore, Guard, close, connect
 from broker.tls import client_context
 from broker.webhooks.delivery import WebhookService
 from broker.webhooks.expiring import ExpiryWatch

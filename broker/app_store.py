@@ -30,9 +30,10 @@ import structlog
 
 from broker.crypto import KeyRing, app_token_aad
 from broker.errors import GrantUnreadable, InvalidRequest, StoreUnavailable
+from broker.keys import Keys
 from broker.metrics import Metrics
 from broker.models import GrantState, TokenSet
-from broker.store import Guard, Keys, script
+from broker.store import Guard, script
 
 log = structlog.get_logger(__name__)
 

@@ -27,9 +27,10 @@ import structlog
 
 from broker.crypto import KeyRing
 from broker.errors import StoreUnavailable
+from broker.keys import Keys
 from broker.metrics import Metrics
 from broker.records import KINDS, primaries, read_blobs, scan
-from broker.store import Guard, Keys, script
+from broker.store import Guard, script
 
 log = structlog.get_logger(__name__)
 

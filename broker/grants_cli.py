@@ -11,11 +11,12 @@ from typing import TextIO
 from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.errors import BrokerError
+from broker.keys import Keys
 from broker.listing import MAX_LIMIT, GrantListing
 from broker.metrics import Metrics
 from broker.models import Grant, GrantState
 from broker.schedule import ScheduleIndex
-from broker.store import GrantStore, Guard, Keys, connect
+from broker.store import GrantStore, Guard, connect
 
 HEADER = ("STATE", "ACCESS EXPIRES AT", "NEXT REFRESH AT", "FAILURES", "USER ID")
 ROW = "{:<16} {:<20} {:<20} {:>8}  {}"

@@ -36,8 +36,9 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from broker.errors import GrantUnreadable, InvalidRequest
+from broker.keys import member, user_id_of
 from broker.models import Grant, GrantState
-from broker.store import GrantStore, member, user_id_of
+from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
 

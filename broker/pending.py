@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from broker.store import Guard, Keys, script
+from broker.keys import Keys
+from broker.store import Guard, script
 
 
 class PendingAuthorizations:

@@ -27,8 +27,9 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from broker.config import ClientSettings
 from broker.errors import RateLimited
+from broker.keys import Keys
 from broker.metrics import Metrics
-from broker.store import Keys, script
+from broker.store import script
 
 log = structlog.get_logger(__name__)
 

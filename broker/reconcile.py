@@ -17,8 +17,9 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from broker.errors import GrantUnreadable
+from broker.keys import user_id_of
 from broker.metrics import Metrics
-from broker.store import GrantStore, user_id_of
+from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
 

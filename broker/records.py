@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from broker.crypto import app_token_aad, authorization_aad, grant_aad
-from broker.store import Keys, member, user_id_of
+from broker.keys import Keys, member, user_id_of
 
 __all__ = ["KINDS", "Node", "RecordKind", "primaries", "read_blobs", "scan"]
 

@@ -28,8 +28,9 @@ import structlog
 from broker.census import key_label
 from broker.crypto import KeyRing, record_key_id
 from broker.errors import GrantUnreadable
+from broker.keys import Keys, user_id_of
 from broker.records import KINDS, Node, RecordKind, primaries, read_blobs, scan
-from broker.store import Keys, script, user_id_of
+from broker.store import script
 
 security = structlog.get_logger("broker.security")
 

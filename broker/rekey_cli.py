@@ -27,8 +27,9 @@ from broker import audit
 from broker.census import publish
 from broker.config import Settings
 from broker.crypto import KeyRing
+from broker.keys import Keys
 from broker.rekey import Rekeyer, RekeyReport
-from broker.store import Keys, close, connect
+from broker.store import close, connect
 
 OK, REMAINING, CONFIG, UNREADABLE, INTERRUPTED = 0, 1, 2, 3, 130
 PLAIN_EVERY = 2.0  # seconds between two plain progress lines

@@ -18,9 +18,10 @@ import structlog
 
 from broker.batching import CommandBatcher
 from broker.errors import StoreUnavailable
+from broker.keys import Keys, member, user_id_of
 from broker.metrics import Metrics
 from broker.models import Grant
-from broker.store import Guard, Keys, member, script, user_id_of
+from broker.store import Guard, script
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ from broker.auth import hash_key, new_api_key
 from broker.config import build_settings
 from broker.devprovider import DevProvider
 from broker.errors import ConfigError
-from broker.store import Keys
+from broker.keys import Keys
 from tests.conftest import (
     SECRETS,
     Broker,

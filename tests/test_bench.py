@@ -12,8 +12,8 @@ import redis as syncredis
 
 from broker.config import parse_encryption_keys
 from broker.crypto import KeyRing, grant_aad, new_key
+from broker.keys import Keys, member
 from broker.models import Grant
-from broker.store import Keys, member
 from tests.conftest import RedisServer
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"

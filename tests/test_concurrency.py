@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from broker.devprovider import DevProvider
-from broker.store import member
+from broker.keys import member
 from tests.conftest import Broker, BrokerFactory, Clock, RedisServer, encryption_key
 
 

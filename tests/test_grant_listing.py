@@ -21,9 +21,9 @@ import redis as syncredis
 from broker.api import KEYRING, METRICS, STORE
 from broker.auth import hash_key, new_api_key
 from broker.crypto import KeyRing, grant_aad
+from broker.keys import Keys
 from broker.listing import MAX_SCANS_PER_PAGE, GrantListing, Position, encode_cursor
 from broker.models import Grant, GrantState
-from broker.store import Keys
 from tests.conftest import (
     PROVIDER,
     SECRETS,
@@ -66,7 +66,7 @@ def record(keyring: KeyRing, g: Grant) -> dict[str, Any]:
 
 def queue(pipe: Any, keys: Keys, keyring: KeyRing, grants: Iterable[Grant]) -> None:
     """Queue the writes of ``grants`` and of their state-set entries on ``pipe``."""
-    from broker.store import member
+    from broker.keys import member
 
     for g in grants:
         pipe.hset(keys.grant_key(g.provider, g.user_id), mapping=record(keyring, g))
@@ -131,7 +131,7 @@ async def test_each_state_filter_lists_exactly_the_grants_in_that_state(broker: 
 async def test_a_stale_state_index_does_not_put_a_grant_in_the_wrong_list(broker: Broker) -> None:
     await seed(broker, [grant("healed", "active")])
     store = broker.app[STORE]
-    from broker.store import member
+    from broker.keys import member
 
     await store.redis.sadd(store.keys.state_key(PROVIDER, "reauth_required"), member("healed"))
     listed, _ = await list_all(broker, "&state=reauth_required")

@@ -15,8 +15,9 @@ import redis as syncredis
 
 from broker.api import METRICS, PROVIDERS, REFRESHER, STORE
 from broker.devprovider import DevProvider
+from broker.keys import member
 from broker.locks import LockStore
-from broker.store import GrantStore, member
+from broker.store import GrantStore
 from tests.conftest import Broker, BrokerFactory, RedisServer, encryption_key
 from tests.faults import TcpProxy
 from tests.test_scheduler import FAST, eventually, import_grants, metric

@@ -19,8 +19,9 @@ from typing import Any
 import structlog
 
 from broker.errors import GrantUnreadable, StoreUnavailable
+from broker.keys import user_id_of
 from broker.models import iso, iso_ms
-from broker.store import EVENTS_MAX_LEN, GrantStore, user_id_of
+from broker.store import EVENTS_MAX_LEN, GrantStore
 
 log = structlog.get_logger(__name__)
 

@@ -17,7 +17,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from broker.store import Guard, Keys
+from broker.keys import Keys
+from broker.store import Guard
 
 PENDING_PAGE = 100  # pending entries looked at per turn, oldest first
 

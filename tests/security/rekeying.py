@@ -14,9 +14,9 @@ import redis.asyncio as aioredis
 
 from broker.config import Settings
 from broker.crypto import record_key_id
+from broker.keys import Keys
 from broker.records import KINDS, primaries, read_blobs, scan
 from broker.rekey_cli import RekeyOptions, rekey
-from broker.store import Keys
 from tests.conftest import SECRETS
 
 

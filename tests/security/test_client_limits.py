@@ -22,9 +22,9 @@ from broker.api import METRICS
 from broker.app import create_app
 from broker.auth import hash_key, new_api_key
 from broker.devprovider import DevProvider
+from broker.keys import Keys
 from broker.middlewares import RATE_LIMITER
 from broker.ratelimit import RateLimiter
-from broker.store import Keys
 from tests.conftest import (
     ALL_PERMISSIONS,
     PROVIDER,

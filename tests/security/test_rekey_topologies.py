@@ -17,9 +17,9 @@ from broker.api import KEYRING, STORE
 from broker.census import KeyCensus
 from broker.crypto import KeyRing, record_key_id
 from broker.devprovider import DevProvider
+from broker.keys import Keys
 from broker.metrics import Metrics
 from broker.settings_secrets import parse_encryption_keys
-from broker.store import Keys
 from tests.conftest import (
     BrokerFactory,
     Landing,
