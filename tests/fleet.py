@@ -74,9 +74,11 @@ def replica_config(
     port: int,
     settings: Mapping[str, TomlScalar],
     tables: str = "",
+    provider_settings: Mapping[str, TomlScalar] | None = None,
 ) -> str:
     """A TOML configuration for one replica; ``settings`` are extra top-level settings,
-    ``tables`` more TOML tables (``[[webhooks]]``)."""
+    ``provider_settings`` more settings of the dev provider's table, ``tables`` more TOML
+    tables (``[[webhooks]]``)."""
     top: dict[str, TomlScalar] = {
         "redis_url": redis_url,
         "key_prefix": "fleet",
@@ -87,11 +89,15 @@ def replica_config(
         **settings,
     }
     lines = [f"{name} = {_toml(value)}" for name, value in top.items()]
+    provider_lines = "\n".join(
+        f"{name} = {_toml(value)}" for name, value in (provider_settings or {}).items()
+    )
     lines.append(f"""
 [providers.dev]
 token_url = "{provider.token_url}"
 client_id = "{provider.settings.client_id}"
 client_secret_env = "DEV_SECRET"
+{provider_lines}
 [[clients]]
 name = "poller"
 key_sha256 = "{hash_key(api_key)}"
@@ -109,6 +115,7 @@ async def start_fleet(
     settings: Mapping[str, TomlScalar],
     *,
     extra_toml: str = "",
+    provider_settings: Mapping[str, TomlScalar] | None = None,
 ) -> Fleet:
     """One ready replica per Redis URL (the same server, maybe by different routes);
     ``extra_toml`` (more tables, e.g. ``[[clients]]``) is appended to each configuration."""
@@ -123,7 +130,9 @@ async def start_fleet(
             port = free_port()
             config = tmp_path / f"broker-{i}.toml"
             config.write_text(
-                replica_config(provider, redis_url, api_key, port, settings, extra_toml)
+                replica_config(
+                    provider, redis_url, api_key, port, settings, extra_toml, provider_settings
+                )
             )
             log = tmp_path / f"broker-{i}.log"
             with log.open("wb") as out:
