@@ -274,7 +274,8 @@ class ClientSettings(BaseModel):
         description="glob patterns (`*` any characters, `/` included; `?` one character; "
         "`[abc]`, `[a-z]`, `[!abc]` one of / none of; case-sensitive, against the whole decoded "
         "user id): the client may only name matching user ids, others answer `403 forbidden`, "
-        "and grant listings show it only those; none: every user id",
+        "and grant listings show it only those; none: every user id; `[]`: no user id at all "
+        "(a client for app tokens only)",
     )
     rate_limit: RateLimit | None = Field(
         default=None,
