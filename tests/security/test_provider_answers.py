@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,7 +23,7 @@ from broker.api import STORE
 from broker.config import ProviderSettings, Secret
 from broker.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from broker.oauth import MAX_EXPIRES_IN, OAuthClient
-from tests.conftest import SECRETS, BrokerFactory, Clock, RedisServer
+from tests.conftest import SECRETS, Broker, BrokerFactory, Clock, RedisServer
 
 CLIENT_SECRET = "cs-stub-4f1d0c2a9b"
 LIMIT = 64 * 1024
@@ -223,6 +224,23 @@ async def test_json_with_a_wrong_content_type_is_still_read(stub: Stub, oauth: O
     assert (await oauth.refresh(provider_of(stub), "rt")).expires_in == 60
 
 
+async def broker_on(
+    stub: Stub, make_broker: BrokerFactory, clock: Clock, **settings: Any
+) -> Broker:
+    """A broker whose provider ``dev`` is the stub."""
+    return await make_broker(
+        clock,
+        provider={
+            "token_url": stub.url,
+            "authorize_url": None,
+            "revocation_url": None,
+            "client_secret": CLIENT_SECRET,
+            "client_auth": "client_secret_post",
+        },
+        **settings,
+    )
+
+
 BROKER_CASES = [
     "endless chunked body",
     "truncated JSON",
@@ -243,17 +261,8 @@ async def test_a_stored_grant_survives_any_answer(
     key_prefix: str,
 ) -> None:
     clock = Clock()
-    broker = await make_broker(
-        clock,
-        redis_url=redis_server.url,
-        key_prefix=key_prefix,
-        provider={
-            "token_url": stub.url,
-            "authorize_url": None,
-            "revocation_url": None,
-            "client_secret": CLIENT_SECRET,
-            "client_auth": "client_secret_post",
-        },
+    broker = await broker_on(
+        stub, make_broker, clock, redis_url=redis_server.url, key_prefix=key_prefix
     )
     SECRETS.add("rt-stored-5a8e31")
     status, _ = await broker.import_grant(
@@ -304,17 +313,8 @@ async def test_a_refresh_token_rotated_in_an_unusable_answer_is_kept_and_used_ne
     is spent, so presenting it again would be a reuse (a strict provider revokes the grant).
     The new one is stored with the failure and presented next."""
     clock = Clock()
-    broker = await make_broker(
-        clock,
-        redis_url=redis_server.url,
-        key_prefix=key_prefix,
-        provider={
-            "token_url": stub.url,
-            "authorize_url": None,
-            "revocation_url": None,
-            "client_secret": CLIENT_SECRET,
-            "client_auth": "client_secret_post",
-        },
+    broker = await broker_on(
+        stub, make_broker, clock, redis_url=redis_server.url, key_prefix=key_prefix
     )
     SECRETS.update({"rt-first-31c7", "rt-second-31c7", "rt-third-31c7"})
     status, _ = await broker.import_grant(
