@@ -17,13 +17,12 @@ import redis.asyncio as aioredis
 
 from broker.api import APP_SCHEDULER, METRICS
 from broker.app_store import scope_id
-from broker.auth import hash_key, new_api_key
 from broker.config import build_settings
 from broker.devprovider import DevProvider
 from broker.errors import ConfigError
 from broker.keys import Keys
+from tests.clients import api_key, bearer, client
 from tests.conftest import (
-    SECRETS,
     Broker,
     BrokerFactory,
     Clock,
@@ -305,16 +304,7 @@ async def test_a_provider_without_client_credentials_answers_404(
 async def test_clients_need_tokens_read_and_the_provider(
     make_broker: BrokerFactory, provider: DevProvider
 ) -> None:
-    keys = {name: new_api_key() for name in ("admin", "writer", "elsewhere")}
-    SECRETS.update(keys.values())
-
-    def client(name: str, providers: list[str], permissions: list[str]) -> dict[str, Any]:
-        return {
-            "name": name,
-            "key_sha256": hash_key(keys[name]),
-            "providers": providers,
-            "permissions": permissions,
-        }
+    keys = {name: api_key() for name in ("admin", "writer", "elsewhere")}
 
     dev = {
         "token_url": provider.token_url,
@@ -325,14 +315,20 @@ async def test_clients_need_tokens_read_and_the_provider(
     broker = await make_broker(
         providers={"dev": dev, "other": {**dev, "client_credentials": False}},
         clients=[
-            client("admin", ["*"], ["tokens:read"]),
-            client("writer", ["dev"], ["grants:write", "grants:read"]),
-            client("elsewhere", ["other"], ["tokens:read"]),
+            client("admin", keys["admin"], permissions=["tokens:read"]),
+            client(
+                "writer",
+                keys["writer"],
+                providers=["dev"],
+                permissions=["grants:write", "grants:read"],
+            ),
+            client(
+                "elsewhere", keys["elsewhere"], providers=["other"], permissions=["tokens:read"]
+            ),
         ],
     )
     for name, expected in (("writer", 403), ("elsewhere", 403), ("admin", 200)):
-        auth = {"Authorization": f"Bearer {keys[name]}"}
-        status, body, _ = await app_token(broker, headers=auth)
+        status, body, _ = await app_token(broker, headers=bearer(keys[name]))
         assert status == expected, (name, body)
         if expected == 403:
             assert body["code"] == "forbidden"

@@ -22,8 +22,8 @@ from broker.devprovider import DevProvider
 from broker.logs import OUTPUT, configure_logging
 from broker.metrics import Metrics
 from broker.reload import Reloader
+from tests.clients import api_key, bearer, client
 from tests.conftest import PROVIDER, Broker, BrokerFactory, Landing, connect, free_port, path
-from tests.security.test_client_limits import api_key, bearer, client
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "audit.md"
 SECTION = re.compile(r"^#{2,3} (.*)$", re.MULTILINE)

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from broker.api import REFRESHER
-from broker.auth import hash_key, new_api_key
 from broker.devprovider import DevProvider
 from broker.models import MAX_TOKEN_CHARS
-from tests.conftest import SECRETS, Broker, BrokerFactory, RedisServer, path
+from tests.clients import api_key, bearer, client
+from tests.conftest import Broker, BrokerFactory, RedisServer, path
 from tests.test_concurrency import in_flight, replicas, until
 
 __all__ = ["replicas"]  # the fixture, shared with test_concurrency
@@ -183,16 +183,7 @@ async def test_unknown_grant_and_provider_are_404(broker: Broker, provider: DevP
 async def test_reporting_needs_tokens_read_for_that_provider(
     make_broker: BrokerFactory, provider: DevProvider
 ) -> None:
-    keys = {name: new_api_key() for name in ("reader", "elsewhere", "owner")}
-    SECRETS.update(keys.values())
-
-    def client(name: str, permissions: list[str], providers: list[str]) -> dict[str, Any]:
-        return {
-            "name": name,
-            "key_sha256": hash_key(keys[name]),
-            "providers": providers,
-            "permissions": permissions,
-        }
+    keys = {name: api_key() for name in ("reader", "elsewhere", "owner")}
 
     dev = {
         "token_url": provider.token_url,
@@ -202,16 +193,22 @@ async def test_reporting_needs_tokens_read_for_that_provider(
     broker = await make_broker(
         providers={"dev": dev, "other": dev},
         clients=[
-            client("reader", ["grants:read", "grants:write"], ["*"]),
-            client("elsewhere", ["tokens:read"], ["other"]),
-            client("owner", ["tokens:read", "grants:write"], ["dev"]),
+            client("reader", keys["reader"], permissions=["grants:read", "grants:write"]),
+            client(
+                "elsewhere", keys["elsewhere"], permissions=["tokens:read"], providers=["other"]
+            ),
+            client(
+                "owner",
+                keys["owner"],
+                permissions=["tokens:read", "grants:write"],
+                providers=["dev"],
+            ),
         ],
     )
     broker.api_key = keys["owner"]
     rejected = await connected(broker, provider, "u")
     for name in ("reader", "elsewhere"):
-        auth = {"Authorization": f"Bearer {keys[name]}"}
-        status, body, _ = await report(broker, "u", rejected, headers=auth)
+        status, body, _ = await report(broker, "u", rejected, headers=bearer(keys[name]))
         assert (status, body["code"]) == (403, "forbidden"), name
     status, body, answer = await report(broker, "u", rejected, headers={"Authorization": ""})
     assert (status, body["code"]) == (401, "unauthenticated")

@@ -20,15 +20,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from broker.api import METRICS
 from broker.app import create_app
-from broker.auth import hash_key, new_api_key
+from broker.auth import hash_key
 from broker.devprovider import DevProvider
 from broker.keys import Keys
 from broker.middlewares import RATE_LIMITER
 from broker.ratelimit import RateLimiter
+from tests.clients import api_key, bearer, client
 from tests.conftest import (
-    ALL_PERMISSIONS,
     PROVIDER,
-    SECRETS,
     Broker,
     BrokerFactory,
     RedisServer,
@@ -37,28 +36,6 @@ from tests.conftest import (
 )
 from tests.faults import TcpProxy
 from tests.fleet import start_fleet, stop_fleet
-
-
-def api_key() -> str:
-    key = new_api_key()
-    SECRETS.add(key)
-    return key
-
-
-def client(name: str, *keys: str, **settings: Any) -> dict[str, Any]:
-    """A [[clients]] table for ``keys``; all permissions and providers unless overridden."""
-    hashes: str | list[str] = hash_key(keys[0]) if len(keys) == 1 else [hash_key(k) for k in keys]
-    return {
-        "name": name,
-        "key_sha256": hashes,
-        "providers": ["*"],
-        "permissions": ALL_PERMISSIONS,
-        **settings,
-    }
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def status_of(broker: Broker, key: str, method: str, url: str, **kwargs: Any) -> int:

@@ -15,9 +15,10 @@ import aiohttp
 
 from broker.auth import hash_key
 from broker.devprovider import DevProvider
+from tests.clients import api_key, bearer
 from tests.conftest import RedisServer, path
 from tests.fleet import Replica, start_fleet, stop_fleet
-from tests.security.test_client_limits import api_key, bearer, counted
+from tests.security.test_client_limits import counted
 
 WAIT_POLLS = 200
 WAIT_POLL = 0.05
