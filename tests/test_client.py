@@ -95,7 +95,13 @@ class RealBroker:
 async def real_broker(
     provider: DevProvider, redis_server: RedisServer, key_prefix: str, tmp_path: Path
 ) -> AsyncIterator[RealBroker]:
-    fleet = await start_fleet(provider, [redis_server.url], tmp_path, {"key_prefix": key_prefix})
+    fleet = await start_fleet(
+        provider,
+        [redis_server.url],
+        tmp_path,
+        {"key_prefix": key_prefix},
+        provider_settings={"client_credentials": True},  # app tokens too
+    )
     api_key = fleet.headers["Authorization"].removeprefix("Bearer ")
     try:
         yield RealBroker(fleet.replicas[0].url, api_key, fleet, provider)
@@ -325,6 +331,20 @@ def test_the_httpx_helper_refuses_a_sync_client() -> None:
         api.get("http://127.0.0.1:1/")
 
 
+async def test_app_tokens_of_a_real_broker_are_fetched_once_per_scope_set(
+    real_broker: RealBroker, provider: DevProvider
+) -> None:
+    async with real_broker.client() as client:
+        plain = await client.app_token("dev")
+        again = await asyncio.gather(*(client.app_token("dev") for _ in range(5)))
+        scoped = await client.app_token("dev", "b a")
+        assert await client.app_token("dev", "a b") == scoped
+    assert {t.access_token for t in again} == {plain.access_token}
+    assert scoped.access_token != plain.access_token
+    assert await real_broker.served("/v1/app-tokens/{provider}") == 2  # the rest came from cache
+    assert provider.client_credentials_requests == 2
+
+
 # -- retries and app tokens, against a stub answering per the contract -------------------------
 
 
@@ -527,32 +547,6 @@ async def test_app_tokens_not_configured_raise(stub: Stub) -> None:
         with pytest.raises(AppTokenNotConfigured) as refused:
             await client.app_token("dev")
     assert refused.value.request_id == "req-1"
-
-
-async def test_app_tokens_of_a_real_broker_are_fetched_once_per_scope_set(
-    provider: DevProvider, redis_server: RedisServer, key_prefix: str, tmp_path: Path
-) -> None:
-    fleet = await start_fleet(
-        provider,
-        [redis_server.url],
-        tmp_path,
-        {"key_prefix": key_prefix},
-        provider_settings={"client_credentials": True},
-    )
-    api_key = fleet.headers["Authorization"].removeprefix("Bearer ")
-    broker = RealBroker(fleet.replicas[0].url, api_key, fleet, provider)
-    try:
-        async with broker.client() as client:
-            plain = await client.app_token("dev")
-            again = await asyncio.gather(*(client.app_token("dev") for _ in range(5)))
-            scoped = await client.app_token("dev", "b a")
-            assert await client.app_token("dev", "a b") == scoped
-        assert {t.access_token for t in again} == {plain.access_token}
-        assert scoped.access_token != plain.access_token
-        assert await broker.served("/v1/app-tokens/{provider}") == 2  # the rest came from cache
-        assert provider.client_credentials_requests == 2
-    finally:
-        await stop_fleet(fleet)
 
 
 # -- hygiene --------------------------------------------------------------------------------------
