@@ -122,13 +122,13 @@ def _hand_out(
     metrics = request.app[METRICS]
     metrics.child(metrics.token_handouts, grant.provider, client).inc()
     expires_at = grant.access_expires_at  # None: no stated expiry (a grant never refreshed)
-    fields["expires_at"] = iso(expires_at)
+    fields["expires_at"] = stated = iso(expires_at)
     # The ``Token`` schema's fields, in its order, without building the model: this is the
     # hot path, and every value comes from a stored grant (tests/test_contract.py checks it).
     answer = {
         "access_token": grant.access_token,
         "token_type": grant.token_type,
-        "expires_at": None if expires_at is None else iso_of(expires_at),
+        "expires_at": stated,
         "expires_in": None if expires_at is None else max(0, int(expires_at - now(request))),
         "scope": grant.scope,
     }
