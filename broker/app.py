@@ -31,6 +31,7 @@ from broker.authorize import AuthorizationService
 from broker.census import KeyCensus
 from broker.config import Settings
 from broker.crypto import KeyRing
+from broker.grant_cache import GrantCache, GrantChanges
 from broker.grants import GrantService
 from broker.keys import Keys
 from broker.locks import GrantLocks, LockStore
@@ -73,6 +74,7 @@ class DrainBudget:
 
 DRAIN = web.AppKey("drain", DrainBudget)
 PENDING = web.AppKey("pending", PendingAuthorizations)
+GRANT_CHANGES = web.AppKey("grant_changes", GrantChanges)
 
 
 def create_app(
@@ -108,9 +110,18 @@ def create_app(
         app.cleanup_ctx.append(
             _reload_on_sighup(Reloader(config_path, settings, authenticator, metrics))
         )
+    app.on_startup.append(_listen_for_grant_changes)
     app.on_shutdown.append(_stop_accepting)
     api.add_routes(app)
     return app
+
+
+async def _listen_for_grant_changes(app: web.Application) -> None:
+    """Not started with the Redis client: aiohttp's run_app waits for every task left after a
+    failed start-up, and a listener cancelled mid-connect may not end on Python 3.11."""
+    changes = app.get(GRANT_CHANGES)
+    if changes is not None:
+        changes.start()
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
@@ -119,6 +130,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     keys = Keys(settings.key_prefix, settings.schedule_shards)
     guard = Guard(app[api.METRICS], settings.store_retry_after)
     schedule = ScheduleIndex(redis, keys, guard, app[api.METRICS], settings.schedule_shards)
+    cache = GrantCache(settings.token_cache_seconds, settings.token_cache_entries)
     app[api.STORE] = GrantStore(
         redis,
         app[api.KEYRING],
@@ -127,6 +139,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         schedule,
         min_replicas=settings.min_replicas_to_ack,
         ack_timeout=settings.replica_ack_timeout,
+        cache=cache,
     )
     app[PENDING] = PendingAuthorizations(redis, keys, guard)
     app[RATE_LIMITER] = RateLimiter(
@@ -141,7 +154,15 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         log.warning(
             "encryption.ephemeral_key", detail="no BROKER_ENCRYPTION_KEYS: using a throwaway key"
         )
+    changes = None
+    if settings.is_memory_store:
+        cache.only_local_writers()  # and fakeredis's pub/sub swallows a task's cancellation
+    elif settings.token_cache_seconds > 0:
+        changes = GrantChanges(redis, keys.changes_channel(), cache, app[api.METRICS])
+        app[GRANT_CHANGES] = changes  # started once every part has started (on_startup)
     yield
+    if changes is not None:
+        await changes.stop()
     await close(redis)  # behind Sentinel, the sentinels' connections too
 
 

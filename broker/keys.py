@@ -61,6 +61,10 @@ class Keys:
         """The stream of grant events (docs/webhooks.md)."""
         return f"{self._prefix}:events"
 
+    def changes_channel(self) -> str:
+        """The pub/sub channel every grant write and delete publishes its key on."""
+        return f"{self._prefix}:grant-changes"
+
     def rt_expiry_key(self, provider: str) -> str:
         return f"{self._prefix}:rt-expiry:{provider}"
 

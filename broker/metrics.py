@@ -99,6 +99,17 @@ class Metrics:
             "time.",
             registry=r,
         )
+        self.grant_cache_lookups = Counter(
+            "broker_grant_cache_lookups",
+            "Token requests answered from this process's grant cache (hit) or Redis (miss).",
+            ["result"],
+            registry=r,
+        )
+        self.grant_cache_resets = Counter(
+            "broker_grant_cache_resets",
+            "Times the grant cache was emptied because its change subscription was made or lost.",
+            registry=r,
+        )
         self.grants_unreadable = Counter(
             "broker_grants_unreadable",
             "Stored grants that failed decryption or authentication (security event).",

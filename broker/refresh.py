@@ -115,7 +115,7 @@ class Refresher:
         first if needed; a still-valid token is served when the provider cannot refresh, and
         so is the token of a grant that cannot be refreshed at all."""
         self.providers.get(provider)
-        grant = await self._read(provider, user_id)
+        grant = self._checked(provider, await self._store.read_cached(provider, user_id))
         if not grant.refreshable:
             grant = await self._access_only.serve(grant)
             if not grant.refreshable:

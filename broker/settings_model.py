@@ -163,6 +163,24 @@ class Settings(BaseSettings):
         description="seconds a client's `rate_limit` check may take; a slower or failed check "
         "lets the request through (logged and counted: the limiter fails open)",
     )
+    token_cache_seconds: Number = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="seconds a replica may answer token requests from the grants it read lately "
+        "instead of reading Redis (0: off). Every grant write and delete is published to all "
+        "replicas, which drop their copy within milliseconds; this is the bound for a change "
+        "nobody published (an older replica during a rolling upgrade, a hand edit in Redis). "
+        "A copy is served only while its access token is fresh enough for the request: see "
+        "[performance.md](performance.md#the-grant-cache)",
+    )
+    token_cache_entries: Count = Field(
+        default=10000,
+        ge=1,
+        le=1000000,
+        description="grants a process keeps for `token_cache_seconds` (about 2 KB each); the "
+        "oldest go first",
+    )
     redis_max_connections: Count = Field(
         default=64, ge=1, le=10000, description="connections in the Redis pool per process"
     )

@@ -52,6 +52,7 @@ from broker.config import (
 )
 from broker.crypto import KeyRing, grant_aad, record_key_id
 from broker.errors import GrantUnreadable, StoreUnavailable
+from broker.grant_cache import GrantCache
 from broker.keys import Keys, member
 from broker.metrics import Metrics
 from broker.models import Grant, iso_ms
@@ -168,8 +169,11 @@ class GrantStore:
         *,
         min_replicas: int = 0,
         ack_timeout: float = 1.0,
+        cache: GrantCache | None = None,
     ) -> None:
         self.redis = redis
+        # Off (never live) unless the app runs its GrantChanges listener.
+        self.cache = cache if cache is not None else GrantCache(0, 1)
         self.keys = keys
         self.guard = guard
         self.schedule = schedule
@@ -183,12 +187,32 @@ class GrantStore:
         self._atomic_events = not isinstance(redis, RedisCluster)
         self.batch = schedule.batch
         self._reads = ReadBatcher(self.batch, ("v", "blob"))
+        self._cache_hits = self._metrics.grant_cache_lookups.labels("hit")
+        self._cache_misses = self._metrics.grant_cache_lookups.labels("miss")
 
     async def read(self, provider: str, user_id: str) -> Grant | None:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
         with self.guard("read"):
             version, blob = await self._reads.hmget(self.keys.grant_key(provider, user_id))
         return self.decode_record(provider, user_id, version, blob)
+
+    async def read_cached(self, provider: str, user_id: str) -> Grant | None:
+        """:meth:`read`, or the grant this process read lately and has heard no change of
+        (``broker/grant_cache.py``): for serving tokens, never for a refresh's decisions."""
+        key = self.keys.grant_key(provider, user_id)
+        cache = self.cache
+        grant = cache.get(key)
+        if grant is not None:
+            self._cache_hits.inc()
+            return grant
+        generation = cache.generation
+        with self.guard("read"):
+            version, blob = await self._reads.hmget(key)
+        grant = self.decode_record(provider, user_id, version, blob)
+        if grant is not None:
+            cache.put(key, grant, generation)
+        self._cache_misses.inc()
+        return grant
 
     def decode_record(self, provider: str, user_id: str, version: Any, blob: Any) -> Grant | None:
         """A record's ``v`` and ``blob`` fields as read (None where absent) as a Grant, or None
@@ -244,7 +268,8 @@ class GrantStore:
         confirmation).
         """
         blob = self._keyring.encrypt(grant.to_payload(), grant_aad(grant.provider, grant.user_id))
-        keys = self._event_keys(self.keys.grant_key(grant.provider, grant.user_id))
+        grant_key = self.keys.grant_key(grant.provider, grant.user_id)
+        keys = self._event_keys(grant_key)
         due = "" if grant.next_refresh_at is None else repr(grant.next_refresh_at)
         args: list[str | bytes] = [
             str(expected_version),
@@ -257,9 +282,12 @@ class GrantStore:
             _event_data(grant.provider, grant.user_id, grant.last_error),
             grant.provider,
             str(EVENTS_MAX_LEN),
+            self.keys.changes_channel(),
         ]
         acked: int | None = None
-        with self.guard("write"):
+        # Dropped before (a read racing the write must not be served after it) and after.
+        self.cache.invalidate(grant_key)
+        with self.guard("write"), self._invalidating(grant_key):
             if self._min_replicas <= 0:
                 written = await self.batch.script(self._fenced_write, keys, args)
             else:
@@ -287,11 +315,15 @@ class GrantStore:
 
     async def delete(self, provider: str, user_id: str) -> bool:
         """Delete a grant, recording ``grant.deleted``; False if there was none."""
-        keys = self._event_keys(self.keys.grant_key(provider, user_id))
+        grant_key = self.keys.grant_key(provider, user_id)
+        keys = self._event_keys(grant_key)
         args = [iso_ms(time.time()), _event_data(provider, user_id, None), provider]
-        with self.guard("delete"):
+        self.cache.invalidate(grant_key)
+        with self.guard("delete"), self._invalidating(grant_key):
             # Not pipelined with the index updates: a cluster pipeline runs no scripts.
-            removed: list[Any] = await self._delete(keys=keys, args=[*args, EVENTS_MAX_LEN])
+            removed: list[Any] = await self._delete(
+                keys=keys, args=[*args, EVENTS_MAX_LEN, self.keys.changes_channel()]
+            )
             pipe = self.redis.pipeline(transaction=False)
             self.schedule.unindex(pipe, provider, member(user_id))
             await pipe.execute()
@@ -307,6 +339,13 @@ class GrantStore:
         with self.guard("ping"):
             await self.redis.ping()
         return (time.perf_counter() - started) * 1000
+
+    @contextmanager
+    def _invalidating(self, grant_key: str) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self.cache.invalidate(grant_key)
 
     def _event_keys(self, grant_key: str) -> list[str]:
         return [grant_key, self.keys.events_key()] if self._atomic_events else [grant_key]

@@ -1,0 +1,219 @@
+"""The grant cache of the token hot path (broker/grant_cache.py): a replica answers from the
+grants it read lately, and drops them when any replica changes them.
+
+Across real processes: two `broker serve` replicas on one redis-server, a change made through
+one and read through the other. The cache is set to keep grants for a minute, so a change that
+shows within a second was carried by the change channel, not by the cache's age limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.devprovider import DevProvider
+from broker.grant_cache import HEARD_WITHIN, GrantCache
+from broker.keys import Keys
+from broker.models import Grant
+from tests.conftest import RedisServer, path
+from tests.fleet import Fleet, Replica, start_fleet, stop_fleet
+
+PROPAGATION = 1.0  # seconds a change on one replica may take to show on another (documented: ms)
+GRANT_A, GRANT_B = cast(Grant, object()), cast(Grant, object())
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def live_cache(max_age: float = 5.0, entries: int = 10) -> tuple[GrantCache, Ticks]:
+    ticks = Ticks()
+    cache = GrantCache(max_age, entries, clock=ticks)
+    cache.reset(live=True)
+    cache.heard()
+    return cache, ticks
+
+
+def test_a_grant_is_kept_for_max_age_at_most() -> None:
+    cache, ticks = live_cache(max_age=5.0)
+    cache.put("k", GRANT_A, cache.generation)
+    ticks.now += 2.9
+    cache.heard()
+    assert cache.get("k") is GRANT_A
+    ticks.now += 2.1
+    assert cache.get("k") is None
+
+
+def test_a_read_that_raced_a_change_is_not_kept() -> None:
+    cache, _ = live_cache()
+    generation = cache.generation  # the read starts...
+    cache.invalidate("other")  # ...a change is heard before its answer is back
+    cache.put("k", GRANT_A, generation)
+    assert cache.get("k") is None
+    cache.put("k", GRANT_B, cache.generation)
+    assert cache.get("k") is GRANT_B
+
+
+def test_nothing_is_kept_or_served_unless_the_listener_is_subscribed_and_heard() -> None:
+    cache, ticks = live_cache()
+    cache.put("k", GRANT_A, cache.generation)
+    ticks.now += HEARD_WITHIN + 0.1  # the listener's connection went silent
+    assert cache.get("k") is None
+    cache.heard()
+    assert cache.get("k") is GRANT_A  # heard again on the same connection: nothing was missed
+    cache.reset(live=False)
+    assert cache.get("k") is None
+    cache.put("k", GRANT_A, cache.generation)
+    assert len(cache) == 0
+    off = GrantCache(0, 10)
+    off.reset(live=True)
+    off.put("k", GRANT_A, off.generation)
+    assert len(off) == 0
+
+
+def test_the_oldest_grants_go_first_when_full() -> None:
+    cache, _ = live_cache(entries=2)
+    for key in ("a", "b", "c"):
+        cache.put(key, GRANT_A, cache.generation)
+    assert [cache.get(k) is not None for k in ("a", "b", "c")] == [False, True, True]
+
+
+# Across processes -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pair(
+    provider: DevProvider, own_redis: RedisServer, tmp_path: Path
+) -> AsyncIterator[Fleet]:
+    fleet = await start_fleet(provider, [own_redis.url] * 2, tmp_path, {"token_cache_seconds": 60})
+    try:
+        yield fleet
+    finally:
+        await stop_fleet(fleet)
+
+
+async def call(
+    http: aiohttp.ClientSession, fleet: Fleet, replica: Replica, method: str, url: str, **kw: Any
+) -> tuple[int, Any]:
+    async with http.request(method, replica.url + url, headers=fleet.headers, **kw) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def scrape(http: aiohttp.ClientSession, replica: Replica, name: str, **labels: str) -> float:
+    async with http.get(replica.url + "/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+async def within(seconds: float, check: Callable[[], Awaitable[bool]], what: str) -> float:
+    """Seconds until ``check`` holds; fails after ``seconds``."""
+    started = time.monotonic()
+    while not await check():
+        elapsed = time.monotonic() - started
+        assert elapsed < seconds, f"{what}: not within {seconds} s"
+    return time.monotonic() - started
+
+
+async def test_a_change_on_one_replica_reaches_the_other_replicas_cache(
+    pair: Fleet, provider: DevProvider
+) -> None:
+    a, b = pair.replicas
+    user = "cached-user"
+    async with aiohttp.ClientSession() as http:
+
+        async def put(access_token: str) -> None:
+            body = {
+                "refresh_token": provider.issue_refresh_token(user),
+                "access_token": access_token,
+                "expires_in": 3600,
+            }
+            status, _ = await call(http, pair, a, "PUT", path("grants", user), json=body)
+            assert status in (200, 201)
+
+        async def b_serves(access_token: str | None) -> bool:
+            status, body = await call(http, pair, b, "GET", path("tokens", user))
+            if access_token is None:
+                return status == 404
+            return status == 200 and body["access_token"] == access_token
+
+        await put("at-1")
+        assert await b_serves("at-1")
+        assert await b_serves("at-1")
+        hits = await scrape(http, b, "broker_grant_cache_lookups_total", result="hit")
+        assert hits >= 1, "replica b does not cache: this test would prove nothing"
+
+        await put("at-2")  # replaced through replica a (a fenced write)
+        await within(PROPAGATION, lambda: b_serves("at-2"), "a replaced grant on b")
+
+        # refreshed through replica a: the rotated tokens reach b too
+        status, fresh = await call(
+            http, pair, a, "POST", path("tokens", user) + "/refresh",
+            json={"rejected_token": "at-2"},
+        )  # fmt: skip
+        assert status == 200
+        assert fresh["access_token"] != "at-2"
+        await within(PROPAGATION, lambda: b_serves(fresh["access_token"]), "a refresh on b")
+
+        status, _ = await call(http, pair, a, "DELETE", path("grants", user))
+        assert status == 204
+        await within(PROPAGATION, lambda: b_serves(None), "a deleted grant on b")
+    assert provider.reused_refresh_tokens == 0
+
+
+async def test_a_lost_subscription_empties_the_cache(
+    pair: Fleet, provider: DevProvider, own_redis: RedisServer
+) -> None:
+    """A change nobody published (here: a hand edit in Redis) is served until the cache's age
+    limit; a subscription lost and made again drops every cached grant, since what was
+    published in between went unheard."""
+    _, b = pair.replicas
+    user = "hand-edited"
+    grant_key = Keys("fleet").grant_key("dev", user)
+    body = {
+        "refresh_token": provider.issue_refresh_token(user),
+        "access_token": "at-x",
+        "expires_in": 3600,
+    }
+    redis = aioredis.Redis.from_url(own_redis.url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            status, _ = await call(http, pair, b, "PUT", path("grants", user), json=body)
+            assert status == 201
+
+            async def cached() -> bool:
+                before = await scrape(http, b, "broker_grant_cache_lookups_total", result="hit")
+                assert (await call(http, pair, b, "GET", path("tokens", user)))[0] == 200
+                hits = await scrape(http, b, "broker_grant_cache_lookups_total", result="hit")
+                return hits > before
+
+            await within(5.0, cached, "b serving the grant from its cache")
+            await redis.delete(grant_key)
+            # Unpublished: b still answers from its cache (what the age limit bounds).
+            assert (await call(http, pair, b, "GET", path("tokens", user)))[0] == 200
+
+            resets = await scrape(http, b, "broker_grant_cache_resets_total")
+            assert await redis.client_kill_filter(_type="pubsub") >= 2  # both replicas' listeners
+
+            async def resubscribed() -> bool:
+                # lost (connection callback), then confirmed again: two resets
+                return await scrape(http, b, "broker_grant_cache_resets_total") >= resets + 2
+
+            await within(5.0, resubscribed, "b subscribing again")
+            assert (await call(http, pair, b, "GET", path("tokens", user)))[0] == 404
+    finally:
+        await redis.aclose()
