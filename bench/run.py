@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from seeding import PROVIDER, USER, redis_bytes_per_grant, seed  # bench/, beside this file
 
 from broker.auth import hash_key, new_api_key
@@ -50,6 +51,7 @@ port = {port}
 redis_url = "redis://127.0.0.1:{redis_port}/0"
 log_format = "json"
 log_level = "{log_level}"
+token_cache_seconds = {token_cache_seconds}
 
 [providers.dev]
 token_url = "http://127.0.0.1:{provider_port}/token"
@@ -215,6 +217,19 @@ def redis_server(workdir: Path, procs: Processes) -> Iterator[int]:
     client.close()
 
 
+def cache_hit_share(port: int) -> float:
+    """The share of token requests broker answered from its grant cache (from /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = {"hit": 0.0, "miss": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "broker_grant_cache_lookups_total":
+                found[sample.labels["result"]] += sample.value
+    total = found["hit"] + found["miss"]
+    return found["hit"] / total if total else 0.0
+
+
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -230,6 +245,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="broker serve --workers N")
     parser.add_argument("--log-level", default="info", help="broker's log_level (default info)")
+    parser.add_argument(
+        "--token-cache-seconds", type=float, default=5.0, help="broker's token_cache_seconds"
+    )
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument(
         "--refreshes", type=int, default=0, help="also run bench/refresher.py's throughput"
@@ -277,6 +295,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
             provider_port=provider_port,
             digest=hash_key(api_key),
             log_level=args.log_level,
+            token_cache_seconds=args.token_cache_seconds,
         ),
         encoding="utf-8",
     )
@@ -360,6 +379,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     print()
     print(table(rows))
 
+    hits = cache_hit_share(broker_port)
     cpu = cpu_seconds(broker.pid)
     time.sleep(args.idle_seconds)
     idle = (cpu_seconds(broker.pid) - cpu) / args.idle_seconds
@@ -371,6 +391,10 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
         ["ratio to hello-world (per round)", ", ".join(f"{r:.2f}" for r in ratios)],
         ["ratio, median", f"{statistics.median(ratios):.2f}"],
         ["broker idle CPU", f"{idle * 1000:.1f} ms/s ({args.grants:,} grants, scheduler on)"],
+        [
+            "grant cache hits",
+            f"{hits:.0%} of token requests (token_cache_seconds = {args.token_cache_seconds:g})",
+        ],
         ["broker RSS", f"{rss_mib(broker.pid):.0f} MiB"],
         ["Redis bytes per grant (MEMORY USAGE)", f"{per_hash:.0f}"],
         ["Redis used_memory growth per grant", f"{per_grant:.0f}"],

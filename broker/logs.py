@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -91,7 +92,12 @@ def redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
 class _Output:
     """Where lines go and how they are rendered: one per process. Loggers are cached on first
     use, so they reach the stream and renderer through this object, which a later
-    ``configure_logging`` (tests) updates in place."""
+    ``configure_logging`` (tests) updates in place.
+
+    Each line is flushed as it is written: a request's lines reach the file before its answer
+    leaves, so a process killed right after answering has still logged (and audited) it.
+    Batching the flushes per loop turn saved about 3 µs a request; it was measured and not kept.
+    """
 
     def __init__(self) -> None:
         self.stream: TextIO = sys.stderr
@@ -156,7 +162,7 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
         redact,
     ]
     if worker is not None:
@@ -191,6 +197,23 @@ def configure_logging(
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # we log one line per request
     # The audit log (broker.audit) is written whatever log_level says.
     logging.getLogger("broker.audit").setLevel(min(logging.INFO, root.level))
+
+
+_stamped = (-1, "")  # the last whole second stamped and its text, swapped as one tuple
+
+
+def _timestamp(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """RFC 3339 UTC with microseconds, as structlog's ``TimeStamper(fmt="iso", utc=True)``
+    writes it, with the date and time of day formatted once per second (1.3 -> 0.5 µs)."""
+    global _stamped
+    now = time.time()
+    second, text = _stamped
+    if int(now) != second:
+        second = int(now)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamped = (second, text)
+    event["timestamp"] = f"{text}.{int((now - second) * 1e6):06d}Z"
+    return event
 
 
 def _mark_worker(worker: int, pid: int) -> Processor:

@@ -175,9 +175,10 @@ def make_middlewares(
         if request.path.startswith("/v1/"):
             client = authenticator.authenticate(request.headers.get("Authorization"))
             request[CLIENT] = client
-            limiter = request.app.get(RATE_LIMITER)
-            if limiter is not None:
-                await limiter.check(client)
+            if client.rate_limit is not None:
+                limiter = request.app.get(RATE_LIMITER)
+                if limiter is not None:
+                    await limiter.check(client)
         return await handler(request)
 
     return [observe, problems, authenticate]

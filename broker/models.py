@@ -13,6 +13,7 @@ import random
 import re
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Literal
 
 from broker.errors import GrantUnreadable, InvalidRequest
@@ -41,7 +42,12 @@ def iso(ts: float | None) -> str | None:
     """RFC 3339 UTC with a ``Z``, to the second, as the API shows times."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _iso_second(int(ts))
+
+
+@lru_cache(maxsize=4096)  # every token answer shows its expiry: the same few seconds, often
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def iso_ms(ts: float) -> str:

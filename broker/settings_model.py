@@ -178,7 +178,7 @@ class Settings(BaseSettings):
         default=10000,
         ge=1,
         le=1000000,
-        description="grants a process keeps for `token_cache_seconds` (about 2 KB each); the "
+        description="grants a process keeps for `token_cache_seconds` (about 1 KB each); the "
         "oldest go first",
     )
     redis_max_connections: Count = Field(

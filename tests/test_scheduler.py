@@ -211,7 +211,11 @@ async def test_rejected_grants_leave_the_schedule(
 
     await eventually(reauth, "the grant to need re-authorization", within=10)
     store = broker.app[STORE]
-    assert await store.redis.zcard(store.keys.schedule_key("dev")) == 0
+
+    async def unscheduled() -> bool:  # the index is updated right after the record's write
+        return bool(await store.redis.zcard(store.keys.schedule_key("dev")) == 0)
+
+    await eventually(unscheduled, "the grant to leave the schedule", within=5)
     requests = provider.token_requests
     broker.clock.advance(3600)
     scheduler = broker.app[SCHEDULER]
