@@ -9,9 +9,9 @@ subscription is confirmed, and emptied whenever the subscription is lost or (re)
 is served only while the listener has heard from Redis within ``HEARD_WITHIN`` seconds (it
 pings every second), so a connection cut off without a word stops serving. A write by
 this process drops its entry at once, before the write is sent and after it returns. A change
-nobody publishes (someone editing Redis by hand) is served for at most ``max_age`` seconds,
-which also bounds a subscription that is silently cut off. The cache never feeds a refresh: the
-refresh path reads Redis under the grant's lock, and every write is fenced on that read.
+nobody publishes (someone editing Redis by hand, a replica of an older version) is served for
+at most ``max_age`` seconds. The cache never feeds a refresh: the refresh path reads Redis
+under the grant's lock, and every write is fenced on that read.
 """
 
 from __future__ import annotations

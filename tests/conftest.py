@@ -7,6 +7,7 @@ session no secret may appear in that file.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import shutil
@@ -27,6 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
+from broker.api_base import METRICS
 from broker.app import create_app
 from broker.auth import hash_key, new_api_key
 from broker.config import Settings, build_settings
@@ -268,6 +270,35 @@ class Broker:
 
 
 BrokerFactory = Callable[..., Awaitable[Broker]]
+
+# A scheduler that reacts within tens of milliseconds; short locks (a killed replica's grants
+# come back quickly), so short timeouts too: a refresh holds its lock through the provider call
+# and the write of its result.
+FAST_SCHEDULER = {
+    "scheduler_enabled": True,
+    "scheduler_tick": 0.05,
+    "scheduler_lease": 1.0,
+    "provider_timeout": 1.0,
+    "rotated_write_window": 1.0,
+    "redis_timeout": 0.5,
+    "lock_ttl": 2.5,
+    "retry_base": 0.2,
+    "retry_max": 4.0,
+}
+
+
+def metric(broker: Broker, name: str, **labels: str) -> float:
+    """A sample of ``broker``'s metrics (0 when it has none yet)."""
+    return broker.app[METRICS].registry.get_sample_value(name, labels) or 0.0
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 10) -> None:
+    """Poll ``check`` until it holds; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

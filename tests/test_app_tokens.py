@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -15,7 +13,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from broker.api import APP_SCHEDULER, METRICS
+from broker.api import APP_SCHEDULER
 from broker.app_store import scope_id
 from broker.config import build_settings
 from broker.devprovider import DevProvider
@@ -23,25 +21,19 @@ from broker.errors import ConfigError
 from broker.keys import Keys
 from tests.clients import api_key, bearer, client
 from tests.conftest import (
+    FAST_SCHEDULER as FAST,
+)
+from tests.conftest import (
     Broker,
     BrokerFactory,
     Clock,
     RedisServer,
     encryption_key,
+    eventually,
+    metric,
 )
 
 ENABLED = {"client_credentials": True}
-FAST = {
-    "scheduler_enabled": True,
-    "scheduler_tick": 0.05,
-    "scheduler_lease": 1.0,
-    "provider_timeout": 1.0,
-    "rotated_write_window": 1.0,
-    "redis_timeout": 0.5,
-    "lock_ttl": 2.5,
-    "retry_base": 0.2,
-    "retry_max": 4.0,
-}
 
 
 async def app_token(
@@ -56,20 +48,8 @@ async def app_token(
     return await broker.call("GET", url, **kwargs)
 
 
-def metric(broker: Broker, name: str, **labels: str) -> float:
-    return broker.app[METRICS].registry.get_sample_value(name, labels) or 0.0
-
-
 def in_flight(broker: Broker) -> float:
     return metric(broker, "broker_http_requests_in_flight")
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 10) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def shared_pair(

@@ -20,8 +20,8 @@ from redis.crc import key_slot
 
 from broker.api import STORE
 from broker.devprovider import DevProvider
-from tests.conftest import BrokerFactory, RedisServer, free_port, path, throwaway_redis
-from tests.test_scheduler import FAST, eventually
+from tests.conftest import FAST_SCHEDULER as FAST
+from tests.conftest import BrokerFactory, RedisServer, eventually, free_port, path, throwaway_redis
 
 USERS = 30
 SHARDS = 8

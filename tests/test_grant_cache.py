@@ -8,8 +8,7 @@ shows within a second was carried by the change channel, not by the cache's age 
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,7 +21,7 @@ from broker.devprovider import DevProvider
 from broker.grant_cache import HEARD_WITHIN, GrantCache
 from broker.keys import Keys
 from broker.models import Grant
-from tests.conftest import RedisServer, path
+from tests.conftest import RedisServer, eventually, path
 from tests.fleet import Fleet, Replica, start_fleet, stop_fleet
 
 PROPAGATION = 1.0  # seconds a change on one replica may take to show on another (documented: ms)
@@ -120,15 +119,6 @@ async def scrape(http: aiohttp.ClientSession, replica: Replica, name: str, **lab
     return 0.0
 
 
-async def within(seconds: float, check: Callable[[], Awaitable[bool]], what: str) -> float:
-    """Seconds until ``check`` holds; fails after ``seconds``."""
-    started = time.monotonic()
-    while not await check():
-        elapsed = time.monotonic() - started
-        assert elapsed < seconds, f"{what}: not within {seconds} s"
-    return time.monotonic() - started
-
-
 async def test_a_change_on_one_replica_reaches_the_other_replicas_cache(
     pair: Fleet, provider: DevProvider
 ) -> None:
@@ -158,7 +148,7 @@ async def test_a_change_on_one_replica_reaches_the_other_replicas_cache(
         assert hits >= 1, "replica b does not cache: this test would prove nothing"
 
         await put("at-2")  # replaced through replica a (a fenced write)
-        await within(PROPAGATION, lambda: b_serves("at-2"), "a replaced grant on b")
+        await eventually(lambda: b_serves("at-2"), "a replaced grant on b", within=PROPAGATION)
 
         # refreshed through replica a: the rotated tokens reach b too
         status, fresh = await call(
@@ -167,11 +157,13 @@ async def test_a_change_on_one_replica_reaches_the_other_replicas_cache(
         )  # fmt: skip
         assert status == 200
         assert fresh["access_token"] != "at-2"
-        await within(PROPAGATION, lambda: b_serves(fresh["access_token"]), "a refresh on b")
+        await eventually(
+            lambda: b_serves(fresh["access_token"]), "a refresh on b", within=PROPAGATION
+        )
 
         status, _ = await call(http, pair, a, "DELETE", path("grants", user))
         assert status == 204
-        await within(PROPAGATION, lambda: b_serves(None), "a deleted grant on b")
+        await eventually(lambda: b_serves(None), "a deleted grant on b", within=PROPAGATION)
     assert provider.reused_refresh_tokens == 0
 
 
@@ -201,7 +193,7 @@ async def test_a_lost_subscription_empties_the_cache(
                 hits = await scrape(http, b, "broker_grant_cache_lookups_total", result="hit")
                 return hits > before
 
-            await within(5.0, cached, "b serving the grant from its cache")
+            await eventually(cached, "b serving the grant from its cache", within=5)
             await redis.delete(grant_key)
             # Unpublished: b still answers from its cache (what the age limit bounds).
             assert (await call(http, pair, b, "GET", path("tokens", user)))[0] == 200
@@ -213,7 +205,7 @@ async def test_a_lost_subscription_empties_the_cache(
                 # lost (connection callback), then confirmed again: two resets
                 return await scrape(http, b, "broker_grant_cache_resets_total") >= resets + 2
 
-            await within(5.0, resubscribed, "b subscribing again")
+            await eventually(resubscribed, "b subscribing again", within=5)
             assert (await call(http, pair, b, "GET", path("tokens", user)))[0] == 404
     finally:
         await redis.aclose()

@@ -16,6 +16,7 @@ import pytest
 from broker.api import SCHEDULER, STORE
 from broker.devprovider import DevProvider
 from broker.models import iso
+from tests.conftest import FAST_SCHEDULER as FAST
 from tests.conftest import (
     Broker,
     BrokerFactory,
@@ -23,10 +24,10 @@ from tests.conftest import (
     RedisServer,
     connect,
     encryption_key,
+    eventually,
     free_port,
     path,
 )
-from tests.test_scheduler import FAST, eventually
 
 DAY = 86400
 

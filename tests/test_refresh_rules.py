@@ -18,9 +18,10 @@ from broker.devprovider import DevProvider
 from broker.keys import member
 from broker.locks import LockStore
 from broker.store import GrantStore
-from tests.conftest import Broker, BrokerFactory, RedisServer, encryption_key
+from tests.conftest import FAST_SCHEDULER as FAST
+from tests.conftest import Broker, BrokerFactory, RedisServer, encryption_key, eventually, metric
 from tests.faults import TcpProxy
-from tests.test_scheduler import FAST, eventually, import_grants, metric
+from tests.test_scheduler import import_grants
 
 
 async def test_a_grant_deleted_and_imported_again_never_repeats_a_version(

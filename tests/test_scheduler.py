@@ -4,45 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.api import METRICS, PROVIDERS, SCHEDULER, STORE
 from broker.devprovider import DevProvider
+from tests.conftest import (
+    FAST_SCHEDULER as FAST,
+)
 from tests.conftest import (
     Broker,
     BrokerFactory,
     Clock,
     RedisServer,
     encryption_key,
+    eventually,
+    metric,
 )
-
-FAST = {
-    "scheduler_enabled": True,
-    "scheduler_tick": 0.05,
-    "scheduler_lease": 1.0,
-    # short locks (a killed replica's grants come back quickly), so short timeouts too: a
-    # refresh holds its lock through the provider call and the write of its result
-    "provider_timeout": 1.0,
-    "rotated_write_window": 1.0,
-    "redis_timeout": 0.5,
-    "lock_ttl": 2.5,
-    "retry_base": 0.2,
-    "retry_max": 4.0,
-}
-
-
-def metric(broker: Broker, name: str, **labels: str) -> float:
-    return broker.app[METRICS].registry.get_sample_value(name, labels) or 0.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float) -> None:
-    """Poll ``check`` every 50 ms until it holds; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def import_grants(broker: Broker, provider: DevProvider, n: int, expires_in: int) -> None:

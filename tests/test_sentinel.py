@@ -28,8 +28,14 @@ import redis as syncredis
 
 from broker.api import METRICS, REFRESHER, STORE
 from broker.devprovider import DevProvider
-from tests.conftest import Broker, BrokerFactory, RedisServer, free_port, throwaway_redis
-from tests.test_scheduler import eventually
+from tests.conftest import (
+    Broker,
+    BrokerFactory,
+    RedisServer,
+    eventually,
+    free_port,
+    throwaway_redis,
+)
 
 USERS = 20
 CONCURRENT_IMPORTS = 10

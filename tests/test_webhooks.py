@@ -33,12 +33,12 @@ from tests.conftest import (
     RedisServer,
     broker_settings,
     connect,
+    eventually,
     free_port,
     path,
 )
 from tests.faults import TcpProxy
 from tests.fleet import start_fleet, stop_fleet
-from tests.test_scheduler import eventually
 
 OLDEST = "broker_webhook_oldest_undelivered_seconds"
 TIMEOUT = 1.0  # the receivers' delivery timeout in these tests: retries after 2, 4, 8 s

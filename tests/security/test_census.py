@@ -9,10 +9,9 @@ from broker.api import KEYRING, STORE
 from broker.census import KeyCensus, publish
 from broker.crypto import KeyRing
 from broker.metrics import Metrics
-from tests.conftest import Broker, BrokerFactory, RedisServer
+from tests.conftest import Broker, BrokerFactory, RedisServer, eventually
 from tests.security.rekeying import new_key, run_rekey
 from tests.test_grant_listing import grant, record, seed
-from tests.test_scheduler import eventually
 
 
 async def scraped(broker: Broker) -> dict[str, float]:

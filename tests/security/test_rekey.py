@@ -17,18 +17,19 @@ from broker.devprovider import DevProvider
 from broker.records import KINDS, RecordKind
 from broker.rekey import Rekeyer
 from broker.store import GrantStore
+from tests.conftest import FAST_SCHEDULER as FAST
 from tests.conftest import (
     Broker,
     BrokerFactory,
     Landing,
     RedisServer,
+    eventually,
     follow,
     free_port,
     start_authorization,
 )
 from tests.security.rekeying import key_ids, new_key, run_rekey
 from tests.test_grant_listing import grant, seed
-from tests.test_scheduler import FAST, eventually
 
 USERS = 120
 
