@@ -9,15 +9,18 @@ import io
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from broker.config import Settings
 from broker.crypto import record_key_id
 from broker.keys import Keys
+from broker.models import Grant
 from broker.records import KINDS, primaries, read_blobs, scan
 from broker.rekey_cli import RekeyOptions, rekey
-from tests.conftest import SECRETS
+from tests.conftest import SECRETS, Broker, BrokerFactory
+from tests.test_grant_listing import seed
 
 
 def new_key(kid: str) -> str:
@@ -67,3 +70,18 @@ async def key_ids(redis: aioredis.Redis, keys: Keys) -> Counter[str]:
                     if isinstance(blob, bytes):
                         found[record_key_id(blob) or "?"] += 1
     return found
+
+
+async def mid_rotation(
+    make_broker: BrokerFactory,
+    redis_url: str,
+    key_prefix: str,
+    grants: list[Grant],
+    **settings: Any,
+) -> Broker:
+    """A broker in the middle of a key rotation: ``grants`` were written under the old key by
+    a broker that knew only that one; this one encrypts with a new key and reads both."""
+    old, new = new_key("kold"), new_key("knew")
+    common = {"redis_url": redis_url, "key_prefix": key_prefix}
+    await seed(await make_broker(encryption_keys=old, **common), grants)
+    return await make_broker(encryption_keys=f"{new},{old}", **settings, **common)

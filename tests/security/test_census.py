@@ -10,7 +10,7 @@ from broker.census import KeyCensus, publish
 from broker.crypto import KeyRing
 from broker.metrics import Metrics
 from tests.conftest import Broker, BrokerFactory, RedisServer, eventually
-from tests.security.rekeying import new_key, run_rekey
+from tests.security.rekeying import mid_rotation, new_key, run_rekey
 from tests.test_grant_listing import grant, record, seed
 
 
@@ -29,11 +29,13 @@ async def scraped(broker: Broker) -> dict[str, float]:
 async def test_the_census_counts_records_per_key_and_rekey_updates_it_at_once(
     make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
 ) -> None:
-    old, new = new_key("kold"), new_key("knew")
-    common = {"redis_url": redis_server.url, "key_prefix": key_prefix}
-    before = await make_broker(encryption_keys=old, **common)
-    await seed(before, [grant(f"u-{i}") for i in range(4)])
-    replica = await make_broker(encryption_keys=f"{new},{old}", key_census_interval=0.05, **common)
+    replica = await mid_rotation(
+        make_broker,
+        redis_server.url,
+        key_prefix,
+        [grant(f"u-{i}") for i in range(4)],
+        key_census_interval=0.05,
+    )
     await replica.import_grant("fresh", refresh_token="rt", access_token="at", expires_in=600)
     store = replica.app[STORE]
     forged = KeyRing([("kforged", base64.b64decode(new_key("kforged").split(":", 1)[1]))])

@@ -28,7 +28,7 @@ from tests.conftest import (
     free_port,
     start_authorization,
 )
-from tests.security.rekeying import key_ids, new_key, run_rekey
+from tests.security.rekeying import key_ids, mid_rotation, new_key, run_rekey
 from tests.test_grant_listing import grant, seed
 
 USERS = 120
@@ -139,11 +139,9 @@ async def _true(value: bool) -> bool:
 async def test_a_record_written_between_read_and_swap_is_not_overwritten(
     make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
 ) -> None:
-    old, new = new_key("kold"), new_key("knew")
-    common = {"redis_url": redis_server.url, "key_prefix": key_prefix}
-    before = await make_broker(encryption_keys=old, **common)
-    await seed(before, [grant("racer"), grant("calm")])
-    replica = await make_broker(encryption_keys=f"{new},{old}", **common)
+    replica = await mid_rotation(
+        make_broker, redis_server.url, key_prefix, [grant("racer"), grant("calm")]
+    )
     store = store_of(replica)
     rekeyer = Rekeyer(store.redis, store.keys, replica.app[KEYRING])
     swap = rekeyer._replace
@@ -229,11 +227,9 @@ async def test_the_swap_script_replaces_only_the_exact_ciphertext_read(
 async def test_a_limited_run_resumes_and_a_rerun_is_idempotent(
     make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str, log_file: Path
 ) -> None:
-    old, new = new_key("kold"), new_key("knew")
-    common = {"redis_url": redis_server.url, "key_prefix": key_prefix}
-    before = await make_broker(encryption_keys=old, **common)
-    await seed(before, [grant(f"u-{i}") for i in range(30)])
-    replica = await make_broker(encryption_keys=f"{new},{old}", **common)
+    replica = await mid_rotation(
+        make_broker, redis_server.url, key_prefix, [grant(f"u-{i}") for i in range(30)]
+    )
     store = store_of(replica)
 
     first = await run_rekey(replica.settings, limit=10)
@@ -274,11 +270,9 @@ def _row(summary: str, name: str) -> int:
 async def test_dry_run_writes_nothing_and_says_what_remains(
     make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
 ) -> None:
-    old, new = new_key("kold"), new_key("knew")
-    common = {"redis_url": redis_server.url, "key_prefix": key_prefix}
-    before = await make_broker(encryption_keys=old, **common)
-    await seed(before, [grant(f"u-{i}") for i in range(5)])
-    replica = await make_broker(encryption_keys=f"{new},{old}", **common)
+    replica = await mid_rotation(
+        make_broker, redis_server.url, key_prefix, [grant(f"u-{i}") for i in range(5)]
+    )
     await replica.import_grant("fresh", refresh_token="rt", access_token="at", expires_in=600)
     redis = store_of(replica).redis
     snapshot = await _dump(redis, key_prefix)
@@ -320,11 +314,9 @@ async def _dump(redis: Any, prefix: str) -> dict[bytes, Any]:
 async def test_progress_lines_off_a_terminal_a_bar_on_one_and_quiet(
     make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
 ) -> None:
-    old, new = new_key("kold"), new_key("knew")
-    common = {"redis_url": redis_server.url, "key_prefix": key_prefix}
-    before = await make_broker(encryption_keys=old, **common)
-    await seed(before, [grant(f"u-{i}") for i in range(7)])
-    replica = await make_broker(encryption_keys=f"{new},{old}", **common)
+    replica = await mid_rotation(
+        make_broker, redis_server.url, key_prefix, [grant(f"u-{i}") for i in range(7)]
+    )
 
     plain = await run_rekey(replica.settings, dry_run=True)
     lines = plain.err.splitlines()
