@@ -52,6 +52,7 @@ redis_url = "redis://127.0.0.1:{redis_port}/0"
 log_format = "json"
 log_level = "{log_level}"
 token_cache_seconds = {token_cache_seconds}
+record_format = {record_format}
 
 [providers.dev]
 token_url = "http://127.0.0.1:{provider_port}/token"
@@ -248,6 +249,9 @@ def main() -> None:
     parser.add_argument(
         "--token-cache-seconds", type=float, default=5.0, help="broker's token_cache_seconds"
     )
+    parser.add_argument(
+        "--record-format", type=int, default=2, choices=(1, 2), help="grant record format"
+    )
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument(
         "--refreshes", type=int, default=0, help="also run bench/refresher.py's throughput"
@@ -282,9 +286,8 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     client = redis.Redis(port=redis_port)
     used_before = int(client.info("memory")["used_memory"])
     client.close()
-    seconds = seed(
-        redis_port, KeyRing(parse_encryption_keys(encryption_key)), args.grants, time.time()
-    )
+    keyring = KeyRing(parse_encryption_keys(encryption_key))
+    seconds = seed(redis_port, keyring, args.grants, time.time(), args.record_format)
     print(f"seeded {args.grants:,} grants in {seconds:.1f} s ({args.grants / seconds:,.0f}/s)")
 
     config = workdir / "broker.toml"
@@ -296,6 +299,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
             digest=hash_key(api_key),
             log_level=args.log_level,
             token_cache_seconds=args.token_cache_seconds,
+            record_format=args.record_format,
         ),
         encoding="utf-8",
     )
@@ -396,7 +400,10 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
             f"{hits:.0%} of token requests (token_cache_seconds = {args.token_cache_seconds:g})",
         ],
         ["broker RSS", f"{rss_mib(broker.pid):.0f} MiB"],
-        ["Redis bytes per grant (MEMORY USAGE)", f"{per_hash:.0f}"],
+        [
+            "Redis bytes per grant (MEMORY USAGE)",
+            f"{per_hash:.0f} (record_format = {args.record_format})",
+        ],
         ["Redis used_memory growth per grant", f"{per_grant:.0f}"],
         ["broker log lines written", f"{log_lines:,}"],
     ]

@@ -10,6 +10,7 @@ import time
 
 import redis
 
+from broker import grant_record
 from broker.crypto import KeyRing, grant_aad
 from broker.keys import Keys, member
 from broker.models import Grant
@@ -18,6 +19,7 @@ from broker.store import INCARNATION_BITS
 PROVIDER = "dev"
 USER = "user-"
 SEED_BATCH = 5000
+RT_MARK, AT_MARK = "R" * 43, "A" * 43  # secrets.token_urlsafe(32) is 43 characters
 
 
 def command(*args: object) -> bytes:
@@ -26,26 +28,37 @@ def command(*args: object) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
 
 
-def seed(port: int, keyring: KeyRing, grants: int, now: float) -> float:
+def seed(port: int, keyring: KeyRing, grants: int, now: float, record_format: int = 2) -> float:
     """Store ``grants`` fresh grants (``user-0`` ...) with their schedule entries, as broker's
-    own writes leave them; returns the seconds it took. Raw RESP over one socket, pipelined:
-    a million grants in well under a minute."""
+    own writes leave them after a refresh (every timestamp set), in ``record_format``; returns
+    the seconds it took. Raw RESP over one socket, pipelined: a million grants in well under a
+    minute."""
     keys = Keys()
     expires = now + 86_400
     due = now + 80_000  # none comes due during the benchmark
     version = str((1 << INCARNATION_BITS) + 1).encode()
     schedule = keys.schedule_key(PROVIDER).encode()
-    template = Grant(
-        provider=PROVIDER,
-        user_id="",
-        refresh_token="@R@",
-        access_token="@A@",
-        access_expires_at=expires,
-        access_issued_at=now,
-        next_refresh_at=due,
-        created_at=now,
-        updated_at=now,
-    ).to_payload()
+    # Placeholders as long as the tokens that replace them: a record holds string lengths.
+    template = grant_record.encode(
+        Grant(
+            provider=PROVIDER,
+            user_id="",
+            refresh_token=RT_MARK,
+            access_token=AT_MARK,
+            access_expires_at=expires,
+            access_issued_at=now,
+            scope="offline_access",
+            next_refresh_at=due,
+            last_refreshed_at=now,
+            refresh_count=1,
+            refresh_token_issued_at=now,
+            refresh_token_expires_at=now + 28 * 86_400,
+            created_at=now,
+            updated_at=now,
+        ),
+        record_format,
+    )
+    created = repr(now).encode()
     started = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as sock:
         stream = sock.makefile("rb")
@@ -54,9 +67,8 @@ def seed(port: int, keyring: KeyRing, grants: int, now: float) -> float:
             last = min(first + SEED_BATCH, grants)
             for i in range(first, last):
                 user_id = f"{USER}{i}"
-                payload = template.replace(b"@R@", secrets.token_urlsafe(32).encode()).replace(
-                    b"@A@", secrets.token_urlsafe(32).encode()
-                )
+                payload = template.replace(RT_MARK.encode(), secrets.token_urlsafe(32).encode())
+                payload = payload.replace(AT_MARK.encode(), secrets.token_urlsafe(32).encode())
                 blob = keyring.encrypt(payload, grant_aad(PROVIDER, user_id))
                 m = member(user_id)
                 key = keys.member_grant_key(PROVIDER, m)
@@ -72,6 +84,8 @@ def seed(port: int, keyring: KeyRing, grants: int, now: float) -> float:
                         repr(due),
                         b"st",
                         b"active",
+                        b"c",
+                        created,
                     )
                 )
                 out.append(command(b"ZADD", schedule, repr(due), m))

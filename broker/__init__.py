@@ -1,3 +1,3 @@
 """broker: an OAuth2 token broker."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

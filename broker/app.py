@@ -140,6 +140,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         min_replicas=settings.min_replicas_to_ack,
         ack_timeout=settings.replica_ack_timeout,
         cache=cache,
+        record_format=settings.record_format,
     )
     app[PENDING] = PendingAuthorizations(redis, keys, guard)
     app[RATE_LIMITER] = RateLimiter(

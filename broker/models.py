@@ -7,16 +7,15 @@ be fenced against the version it was derived from.
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import random
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal
 
-from broker.errors import GrantUnreadable, InvalidRequest
+from broker.errors import InvalidRequest
 
 GrantState = Literal["active", "refresh_failing", "reauth_required"]
 MAX_USER_ID_BYTES = 256
@@ -221,26 +220,6 @@ class Grant:
             "updated_at": iso(self.updated_at),
         }
 
-    def to_payload(self) -> bytes:
-        """The record to encrypt; identity and version live outside it."""
-        # Every field is a scalar: ``asdict``'s recursive deep copy cost 20 µs a write.
-        data = {name: getattr(self, name) for name in _PAYLOAD_FIELDS}
-        return json.dumps(data, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_payload(cls, provider: str, user_id: str, version: int, payload: bytes) -> Grant:
-        try:
-            data = json.loads(payload)
-            if not isinstance(data, dict):
-                raise TypeError("a grant record is a JSON object")
-            # Fields a newer version added are skipped, so replicas of two versions can share
-            # records during a rolling upgrade.
-            if not data.keys() <= _RECORD_FIELDS:
-                data = {k: v for k, v in data.items() if k in _RECORD_FIELDS}
-            return cls(provider=provider, user_id=user_id, version=version, **data)
-        except (ValueError, TypeError) as err:
-            raise GrantUnreadable("stored grant record is malformed") from err
-
 
 def holds(grant: Grant, access_token: str) -> bool:
     """Whether ``grant`` holds this access token, compared in constant time (surrogates a
@@ -251,9 +230,3 @@ def holds(grant: Grant, access_token: str) -> bool:
         grant.access_token.encode("utf-8", "surrogatepass"),
         access_token.encode("utf-8", "surrogatepass"),
     )
-
-
-_PAYLOAD_FIELDS = tuple(
-    f.name for f in fields(Grant) if f.name not in ("provider", "user_id", "version")
-)
-_RECORD_FIELDS = frozenset(_PAYLOAD_FIELDS)

@@ -181,6 +181,15 @@ class Settings(BaseSettings):
         description="grants a process keeps for `token_cache_seconds` (about 1 KB each); the "
         "oldest go first",
     )
+    record_format: Count = Field(
+        default=2,
+        ge=1,
+        le=2,
+        description="the format grant records are written in: 2, compact (MessagePack, about 40 % "
+        "of format 1's size); 1, JSON, the only one broker 0.1.0 reads. Every version since "
+        "reads both: set 1 while replicas of 0.1.0 still run, 2 once none do "
+        "(see [operations.md](operations.md#upgrading-from-010))",
+    )
     redis_max_connections: Count = Field(
         default=64, ge=1, le=10000, description="connections in the Redis pool per process"
     )

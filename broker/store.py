@@ -42,6 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker import grant_record
 from broker.batching import ReadBatcher
 from broker.config import (
     CLUSTER_SCHEME,
@@ -170,6 +171,7 @@ class GrantStore:
         min_replicas: int = 0,
         ack_timeout: float = 1.0,
         cache: GrantCache | None = None,
+        record_format: int = 2,
     ) -> None:
         self.redis = redis
         # Off (never live) unless the app runs its GrantChanges listener.
@@ -181,6 +183,7 @@ class GrantStore:
         self._metrics = schedule.metrics
         self._min_replicas = min_replicas
         self._ack_timeout = ack_timeout
+        self._record_format = record_format
         self._fenced_write = redis.register_script(script("fenced_write.lua"))
         self._delete = redis.register_script(script("delete_grant.lua"))
         # One script may only name keys of one Redis Cluster slot; the stream is in another.
@@ -226,7 +229,7 @@ class GrantStore:
         if it fails authentication or decryption."""
         try:
             payload = self._keyring.decrypt(blob, grant_aad(provider, user_id))
-            return Grant.from_payload(provider, user_id, int(version), payload)
+            return grant_record.decode(provider, user_id, int(version), payload)
         except GrantUnreadable as err:
             self._metrics.grants_unreadable.labels(provider).inc()
             security.error(
@@ -267,7 +270,8 @@ class GrantStore:
         command, and on another connection that may be older than this write (a false
         confirmation).
         """
-        blob = self._keyring.encrypt(grant.to_payload(), grant_aad(grant.provider, grant.user_id))
+        payload = grant_record.encode(grant, self._record_format)
+        blob = self._keyring.encrypt(payload, grant_aad(grant.provider, grant.user_id))
         grant_key = self.keys.grant_key(grant.provider, grant.user_id)
         keys = self._event_keys(grant_key)
         due = "" if grant.next_refresh_at is None else repr(grant.next_refresh_at)

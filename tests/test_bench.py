@@ -10,10 +10,10 @@ from types import ModuleType
 
 import redis as syncredis
 
+from broker import grant_record
 from broker.config import parse_encryption_keys
 from broker.crypto import KeyRing, grant_aad, new_key
 from broker.keys import Keys, member
-from broker.models import Grant
 from tests.conftest import RedisServer
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -42,7 +42,7 @@ def test_seeded_grants_are_records_broker_reads_as_fresh(own_redis: RedisServer)
         version, blob = client.hmget(keys.grant_key("dev", user_id), ["v", "blob"])
         assert isinstance(blob, bytes)
         assert isinstance(version, bytes)
-        grant = Grant.from_payload(
+        grant = grant_record.decode(
             "dev", user_id, int(version), keyring.decrypt(blob, grant_aad("dev", user_id))
         )
         assert grant.valid_for(now) > 3600

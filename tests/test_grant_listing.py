@@ -18,6 +18,7 @@ from urllib.parse import quote
 import pytest
 import redis as syncredis
 
+from broker import grant_record
 from broker.api import KEYRING, METRICS, STORE
 from broker.auth import hash_key, new_api_key
 from broker.crypto import KeyRing, grant_aad
@@ -58,7 +59,7 @@ def record(keyring: KeyRing, g: Grant) -> dict[str, Any]:
     """The hash fields of a stored grant, as ``GrantStore.write`` stores them."""
     return {
         "v": str(g.version),
-        "blob": keyring.encrypt(g.to_payload(), grant_aad(g.provider, g.user_id)),
+        "blob": keyring.encrypt(grant_record.encode(g), grant_aad(g.provider, g.user_id)),
         "due": "" if g.next_refresh_at is None else repr(g.next_refresh_at),
         "st": g.state,
     }

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from broker import __version__
 from broker.config import ClientSettings, ProviderSettings, Settings
 from broker.settings_docs import (
     CHART_OWNED,
@@ -224,3 +225,13 @@ def test_config_schema_prints_the_schema_of_broker_toml() -> None:
     assert {"redis_url", "lock_ttl", "providers", "clients"} <= set(schema["properties"])
     assert {"ProviderSettings", "ClientSettings"} <= set(schema["$defs"])
     assert "encryption_keys" not in schema["properties"]  # derived at load time, not a setting
+
+
+def test_the_chart_the_image_and_the_openapi_document_name_this_version() -> None:
+    """broker.__version__ is the one place a release is named (pyproject.toml reads it)."""
+    chart = yaml.safe_load((ROOT / "helm/broker/Chart.yaml").read_text(encoding="utf-8"))
+    assert chart["appVersion"] == __version__
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text(encoding="utf-8")
+    assert f"ARG VERSION={__version__}\n" in dockerfile
+    openapi = json.loads((ROOT / "broker/openapi.json").read_text(encoding="utf-8"))
+    assert openapi["info"]["version"] == __version__
