@@ -7,6 +7,7 @@ a telling name (``access_token=...``) anywhere in an event, nested dicts include
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -55,6 +56,7 @@ SENSITIVE_SUFFIXES = (
 
 
 _VERDICTS: dict[object, bool] = {}  # field names are few: each one's verdict, remembered
+_SAFE: set[object] = set()  # the names among them that hold no secret
 _MAX_VERDICTS = 4096
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 
@@ -68,6 +70,8 @@ def sensitive(key: object) -> bool:
         verdict = name in SENSITIVE_KEYS or name.endswith(SENSITIVE_SUFFIXES)
         if len(_VERDICTS) < _MAX_VERDICTS:
             _VERDICTS[key] = verdict
+            if not verdict:
+                _SAFE.add(key)
     return verdict
 
 
@@ -81,12 +85,33 @@ def _scrub(value: Any) -> Any:
 
 def redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     """Replace the values of sensitive-looking keys, however deep."""
+    # Most lines: every name already judged safe and no container to look into (both checks
+    # in C; a third of a line's cost when each field was looked at in turn).
+    if _SAFE.issuperset(event) and _PLAIN.issuperset(map(type, event.values())):
+        return event
     for key, value in event.items():  # values replaced in place: the dict keeps its size
         if sensitive(key):
             event[key] = REDACTED
         elif type(value) not in _PLAIN and isinstance(value, Mapping | list | tuple):
             event[key] = _scrub(value)
     return event
+
+
+def _fallback(value: Any) -> Any:
+    """What structlog's JSONRenderer writes for a value JSON has no form for."""
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+# One encoder for every line: ``json.dumps(..., default=...)`` builds a new one per call
+# (about a tenth of a line).
+_ENCODER = json.JSONEncoder(default=_fallback)
+
+
+def _dumps(event: Any, **_: Any) -> str:
+    return _ENCODER.encode(event)
 
 
 class _Output:
@@ -101,7 +126,7 @@ class _Output:
 
     def __init__(self) -> None:
         self.stream: TextIO = sys.stderr
-        self.renderer: Processor = structlog.processors.JSONRenderer()
+        self.renderer: Processor = structlog.processors.JSONRenderer(_dumps)
         self.lock = threading.Lock()
 
     def write(self, line: str) -> None:
@@ -168,7 +193,7 @@ def configure_logging(
     if worker is not None:
         shared.insert(1, _mark_worker(worker, os.getpid()))
     if use_json:
-        OUTPUT.renderer = structlog.processors.JSONRenderer()
+        OUTPUT.renderer = structlog.processors.JSONRenderer(_dumps)
         # Frame locals would print tokens held in local variables: never show them.
         shared.append(
             structlog.processors.ExceptionRenderer(

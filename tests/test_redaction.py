@@ -66,6 +66,19 @@ def test_sensitive_keys_are_replaced_in_nested_dicts_and_lists() -> None:
     assert out["grants"] == [{"access_token": REDACTED, "scope": "public_api"}]
 
 
+def test_a_line_like_a_harmless_one_is_still_redacted() -> None:
+    """Field names judged harmless are remembered: the same names with a container value, or
+    with one secret name more, are still looked into."""
+    harmless = {"event": "request", "status": 200, "detail": "x"}
+    assert redacted(dict(harmless)) == harmless
+    assert redacted(dict(harmless)) == harmless  # now from the remembered verdicts
+    nested = redacted({**harmless, "detail": {"refresh_token": "rt-secret"}})
+    assert nested["detail"] == {"refresh_token": REDACTED}
+    in_list = redacted({**harmless, "detail": [{"code": "c-1"}]})
+    assert in_list["detail"] == [{"code": REDACTED}]
+    assert redacted({**harmless, "access_token": "at-secret"})["access_token"] == REDACTED
+
+
 @pytest.fixture
 def log_stream() -> Iterator[io.StringIO]:
     """Logging configured to a StringIO; the previous set-up is restored afterwards."""
