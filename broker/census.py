@@ -29,7 +29,7 @@ from broker.crypto import KeyRing
 from broker.errors import StoreUnavailable
 from broker.keys import Keys
 from broker.metrics import Metrics
-from broker.records import KINDS, primaries, read_blobs, scan
+from broker.records import KINDS, primaries, read_headers, scan
 from broker.store import Guard, script
 
 log = structlog.get_logger(__name__)
@@ -120,7 +120,7 @@ class KeyCensus:
         self._cursor, found = await scan(
             self._redis, node, self._cursor, kind.pattern(self._keys), self._batch
         )
-        for key, blob in zip(found, await read_blobs(self._redis, kind, found), strict=True):
+        for key, blob in zip(found, await read_headers(self._redis, kind, found), strict=True):
             if isinstance(blob, bytes) and kind.aad(self._keys, key) is not None:
                 self._counts[key_label(self._keyring, blob)] += 1
         if self._cursor:

@@ -6,6 +6,10 @@ nothing would refresh it until a caller asks. The reconciler walks the grant key
 bounded batch per step, compares each grant's ``due`` and ``st`` fields (written with the record,
 in clear) with the schedule and the state sets, and repairs what differs. A step costs the same
 whatever the number of grants; a full pass takes ``grants / reconcile_batch`` steps.
+
+On one server (or Sentinel) a script checks and repairs a whole batch at one instant
+(``lua/reconcile_batch.lua``). On a Redis Cluster a grant's indexes live in other slots than its
+record, so the reconciler reads both with pipelines and re-reads the version before repairing.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from broker.errors import GrantUnreadable
 from broker.keys import user_id_of
 from broker.metrics import Metrics
-from broker.store import GrantStore
+from broker.store import GrantStore, script
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +40,9 @@ class _Seen:
     state: str
 
 
+SCRIPT_BATCH = 250  # grants one script call checks: bounds how long it holds the server
+
+
 class IndexReconciler:
     def __init__(self, store: GrantStore, metrics: Metrics, batch: int) -> None:
         self._store = store
@@ -44,13 +51,50 @@ class IndexReconciler:
         self._cursors: dict[str, int] = {}  # per cluster node ("" for one server)
         self._node = 0
         self._pattern = store.keys.grant_key_pattern()
+        # One server (or Sentinel): a batch is checked and repaired by one script call, about a
+        # fifth of the client's CPU of five commands a grant (the idle cost, docs/performance.md).
+        self._script = (
+            None
+            if isinstance(store.redis, RedisCluster)
+            else store.redis.register_script(script("reconcile_batch.lua"))
+        )
 
     async def step(self) -> int:
         """Check one batch of grants and repair their index entries; returns the repairs."""
         with self._store.guard("reconcile"):
             keys = await self._scan()
+            if self._script is not None:
+                return await self._check_in_scripts(keys)
             seen = await self._fields(keys)
             return await self._repair(seen)
+
+    async def _check_in_scripts(self, keys: list[bytes]) -> int:
+        keys_of = self._store.keys
+        parsed = [(key, ids) for key in keys if (ids := keys_of.parse_grant_key(key))]
+        repairs = 0
+        legacy: list[bytes] = []
+        for first in range(0, len(parsed), SCRIPT_BATCH):
+            chunk = parsed[first : first + SCRIPT_BATCH]
+            script_keys: list[bytes | str] = []
+            members = []
+            for key, (provider, m) in chunk:
+                script_keys += [
+                    key,
+                    keys_of.schedule_of(provider, m),
+                    *(keys_of.state_key(provider, state) for state in STATE_SETS),
+                ]
+                members.append(m)
+            assert self._script is not None
+            found = await self._script(keys=script_keys, args=members)
+            for number, what in zip(found[::2], found[1::2], strict=True):
+                key, (provider, m) = chunk[int(number) - 1]
+                if _text(what) == "legacy":
+                    legacy.append(key)
+                else:
+                    repairs += self._count(provider, m, _text(what))
+        if legacy:
+            repairs += await self._repair(await self._fields(legacy))
+        return repairs
 
     async def _scan(self) -> list[bytes]:
         redis: Any = self._store.redis
@@ -127,23 +171,20 @@ class IndexReconciler:
                 continue  # written meanwhile: that write updated the indexes itself
             if s.state != "reauth_required" and s.due and score is None:
                 fixes.zadd(store.keys.schedule_of(s.provider, s.member), {s.member: s.due}, nx=True)
-                repairs += self._count(s, "schedule")
+                repairs += self._count(s.provider, s.member, "schedule")
             for state, is_member in zip(STATE_SETS, members, strict=True):
                 if bool(is_member) != (s.state == state):
                     key = store.keys.state_key(s.provider, state)
                     (fixes.sadd if s.state == state else fixes.srem)(key, s.member)
-                    repairs += self._count(s, state)
+                    repairs += self._count(s.provider, s.member, state)
         if repairs:
             await fixes.execute()
         return repairs
 
-    def _count(self, s: _Seen, index: str) -> int:
-        self._metrics.index_repairs.labels(s.provider, index).inc()
+    def _count(self, provider: str, member: str, index: str) -> int:
+        self._metrics.index_repairs.labels(provider, index).inc()
         log.warning(
-            "reconcile.repaired",
-            provider=s.provider,
-            user_id=user_id_of(s.member),
-            index=index,
+            "reconcile.repaired", provider=provider, user_id=user_id_of(member), index=index
         )
         return 1
 

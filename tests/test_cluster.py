@@ -20,8 +20,17 @@ from redis.crc import key_slot
 
 from broker.api import STORE
 from broker.devprovider import DevProvider
+from broker.keys import member
 from tests.conftest import FAST_SCHEDULER as FAST
-from tests.conftest import BrokerFactory, RedisServer, eventually, free_port, path, throwaway_redis
+from tests.conftest import (
+    BrokerFactory,
+    RedisServer,
+    eventually,
+    free_port,
+    metric,
+    path,
+    throwaway_redis,
+)
 
 USERS = 30
 SHARDS = 8
@@ -101,7 +110,9 @@ async def test_grants_refresh_and_revoke_on_a_cluster(
     cluster: str, make_broker: BrokerFactory, provider: DevProvider
 ) -> None:
     provider.settings.access_token_ttl = 2
-    broker = await make_broker(redis_url=cluster, schedule_shards=SHARDS, **FAST)
+    broker = await make_broker(
+        redis_url=cluster, schedule_shards=SHARDS, reconcile_interval=0.05, **FAST
+    )
     for i in range(USERS):
         status, _ = await broker.import_grant(
             f"u-{i}", refresh_token=provider.issue_refresh_token(f"u-{i}")
@@ -119,6 +130,28 @@ async def test_grants_refresh_and_revoke_on_a_cluster(
     assert provider.reused_refresh_tokens == 0
 
     store = broker.app[STORE]
+    # A lost index update of a grant nothing else writes: the reconciler (grant by grant on a
+    # cluster, whose slots a script cannot span) puts it back on the schedule and out of the
+    # wrong state set.
+    status, _ = await broker.import_grant(
+        "idle",
+        refresh_token=provider.issue_refresh_token("idle"),
+        access_token="at-idle",
+        expires_in=3600,
+    )
+    assert status == 201
+    lost = member("idle")
+    await store.redis.zrem(store.keys.schedule_of("dev", lost), lost)
+    await store.redis.sadd(store.keys.state_key("dev", "reauth_required"), lost)
+
+    async def repaired() -> bool:
+        scheduled = await store.redis.zscore(store.keys.schedule_of("dev", lost), lost)
+        wrong = await store.redis.sismember(store.keys.state_key("dev", "reauth_required"), lost)
+        return scheduled is not None and not wrong
+
+    await eventually(repaired, "the reconciler to put the grant back", within=10)
+    for index in ("schedule", "reauth_required"):
+        assert metric(broker, "broker_index_repairs_total", provider="dev", index=index) >= 1
     slots = {key_slot(store.keys.schedule_key("dev", shard).encode()) for shard in range(SHARDS)}
     assert len(slots) > 1  # the schedule is not one hot slot
     status, _, headers = await broker.call("DELETE", path("grants", "u-0"))
@@ -128,7 +161,7 @@ async def test_grants_refresh_and_revoke_on_a_cluster(
     # events (docs/webhooks.md): the stream is in another slot, appended after each script
     entries: Any = await store.redis.xrange(store.keys.events_key())
     types = [fields[b"type"] for _, fields in entries]
-    assert types == [b"grant.connected"] * USERS + [b"grant.deleted"]
+    assert types == [b"grant.connected"] * (USERS + 1) + [b"grant.deleted"]
 
 
 async def test_grant_listing_covers_every_primary_of_a_cluster(

@@ -337,6 +337,27 @@ async def test_a_grant_lost_from_the_indexes_is_found_and_scheduled_again(
     assert provider.reused_refresh_tokens == 0
 
 
+async def test_a_lost_grant_of_an_old_record_format_is_scheduled_again(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """A record written before records carried ``due`` and ``st`` in clear: the reconciler
+    decrypts it to learn where it belongs."""
+    broker = await make_broker(
+        redis_url=redis_server.url, key_prefix=key_prefix, reconcile_interval=0.05, **FAST
+    )
+    await import_grants(broker, provider, 3, expires_in=600)  # none comes due meanwhile
+    store = broker.app[STORE]
+    lost = member("user-1")
+    await store.redis.hdel(store.keys.grant_key("dev", "user-1"), "due", "st")
+    await store.redis.zrem(store.keys.schedule_key("dev"), lost)
+
+    async def repaired() -> bool:
+        return await store.redis.zscore(store.keys.schedule_key("dev"), lost) is not None
+
+    await eventually(repaired, "the reconciler to schedule the old record", within=5)
+    assert metric(broker, "broker_index_repairs_total", provider="dev", index="schedule") == 1
+
+
 async def test_a_rotated_write_goes_on_through_an_outage_at_shutdown(
     make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
 ) -> None:
