@@ -7,7 +7,8 @@ grant's key on the channel ``{prefix}:grant-changes`` in the same step, and
 acknowledged). Whatever may have gone unheard empties the cache: it is filled only while the
 subscription is confirmed, and emptied whenever the subscription is lost or (re)made; an entry
 is served only while the listener has heard from Redis within ``HEARD_WITHIN`` seconds (it
-pings every second), so a connection cut off without a word stops serving. A write by
+pings every second), so a connection cut off without a word stops serving; after
+``DEAF_AFTER`` seconds the listener drops it and subscribes on a new one. A write by
 this process drops its entry at once, before the write is sent and after it returns. A change
 nobody publishes (someone editing Redis by hand, a replica of an older version) is served for
 at most ``max_age`` seconds. The cache never feeds a refresh: the refresh path reads Redis
@@ -36,6 +37,10 @@ RESUBSCRIBE_BACKOFF = (0.1, 0.5, 1.0, 2.0)
 QUIET = 1.0  # seconds between the listener's pings
 STOP_WAIT = 2.0  # seconds stop() waits for the listener to end
 HEARD_WITHIN = 3.0  # seconds since Redis last answered the listener for entries to be served
+# Seconds of silence after which the listener drops its connection and makes a new one: a
+# connection whose peer vanished without a reset would otherwise stay silent (and the cache
+# off) until the kernel gives up on it, a quarter of an hour later.
+DEAF_AFTER = 5.0
 
 
 class GrantCache:
@@ -110,6 +115,7 @@ class GrantChanges:
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
         self._pubsub: PubSub | None = None
+        self._heard = time.monotonic()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="grant-changes")
@@ -160,6 +166,7 @@ class GrantChanges:
                 message = await pubsub.get_message(timeout=None)
                 if message is None:
                     continue
+                self._heard = time.monotonic()
                 self._cache.heard()
                 if message["type"] == "subscribe":
                     # Nothing published before this moment was heard: start empty.
@@ -177,8 +184,18 @@ class GrantChanges:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _pinger(self) -> None:
+        self._heard = time.monotonic()
         while True:
             await asyncio.sleep(QUIET)
+            pubsub = self._pubsub
+            silent = time.monotonic() - self._heard
+            if silent > DEAF_AFTER and pubsub is not None and pubsub.connection is not None:
+                log.warning("grant_cache.deaf", silent_seconds=round(silent, 1))
+                # The blocked read then fails: redis-py connects and subscribes again (which
+                # empties the cache until the new confirmation), or the listener does.
+                self._heard = time.monotonic()
+                await pubsub.connection.disconnect(nowait=True)
+                continue
             await self._ping()
 
     async def _ping(self) -> None:

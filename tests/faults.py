@@ -74,6 +74,12 @@ class TcpProxy:
         for link in self._links:
             link.blackholed = True
 
+    def silence(self) -> None:
+        """The connections open now drop every byte for good, closing none (a peer gone without
+        a reset, a NAT entry dropped); new connections are forwarded."""
+        for link in self._links:
+            link.blackholed = True
+
     def heal(self) -> None:
         """Forward again for new connections; close the blackholed ones so clients reconnect."""
         self._blackholed = False

@@ -18,10 +18,11 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.devprovider import DevProvider
-from broker.grant_cache import HEARD_WITHIN, GrantCache
+from broker.grant_cache import DEAF_AFTER, HEARD_WITHIN, GrantCache
 from broker.keys import Keys
 from broker.models import Grant
-from tests.conftest import RedisServer, eventually, path
+from tests.conftest import BrokerFactory, RedisServer, eventually, metric, path
+from tests.faults import TcpProxy
 from tests.fleet import Fleet, Replica, start_fleet, stop_fleet
 
 PROPAGATION = 1.0  # seconds a change on one replica may take to show on another (documented: ms)
@@ -209,3 +210,39 @@ async def test_a_lost_subscription_empties_the_cache(
             assert (await call(http, pair, b, "GET", path("tokens", user)))[0] == 404
     finally:
         await redis.aclose()
+
+
+async def test_a_listener_whose_connection_goes_silent_subscribes_on_a_new_one(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """A connection that stops answering without a reset: copies stop being served, and the
+    listener drops it and subscribes on a new one instead of waiting a quarter of an hour for
+    the kernel to give up on it, so the cache comes back."""
+    async with await TcpProxy.start("127.0.0.1", redis_server.port) as proxy:
+        broker = await make_broker(
+            redis_url=proxy.url_for_redis(),
+            key_prefix=key_prefix,
+            token_cache_seconds=60,
+            redis_timeout=0.5,
+        )
+        body = {"refresh_token": provider.issue_refresh_token("u"), "access_token": "at-u"}
+        assert (await broker.import_grant("u", expires_in=3600, **body))[0] == 201
+
+        async def served_from_cache() -> bool:
+            hits = metric(broker, "broker_grant_cache_lookups_total", result="hit")
+            status, _ = await broker.token("u")
+            return (
+                status == 200
+                and metric(broker, "broker_grant_cache_lookups_total", result="hit") > hits
+            )
+
+        await eventually(served_from_cache, "the grant served from the cache", within=5)
+        resets = metric(broker, "broker_grant_cache_resets_total")
+        proxy.silence()
+
+        async def given_up() -> bool:
+            return metric(broker, "broker_grant_cache_resets_total") > resets
+
+        await eventually(given_up, "the silent subscription given up", within=DEAF_AFTER + 5)
+        await eventually(served_from_cache, "the cache serving again", within=10)
+    assert provider.reused_refresh_tokens == 0
