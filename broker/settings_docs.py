@@ -151,7 +151,7 @@ def chart_config_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "description": "broker.toml top-level settings (docs/configuration.md), generated from "
-        f"broker/settings_model.py by `{REGENERATE}`.",
+        f"broker/settings_model.py and broker/settings_groups.py by `{REGENERATE}`.",
         "properties": properties,
         "propertyNames": {"not": {"enum": [*CHART_OWNED, *tables]}},
         "additionalProperties": False,
