@@ -43,6 +43,7 @@ from broker.policy import RefreshPolicy
 from broker.providers import ProviderRegistry
 from broker.ratelimit import RateLimiter
 from broker.refresh import Refresher
+from broker.refresh_locked import LockedRefresh
 from broker.reload import Reloader
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
@@ -211,14 +212,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         circuit_open_for=settings.circuit_open_for,
     )
     app[api.PROVIDERS] = providers
+    policy = RefreshPolicy.from_settings(settings)
     refresher = Refresher(
         store,
-        locks,
-        oauth,
-        providers,
-        app[api.METRICS],
-        RefreshPolicy.from_settings(settings),
-        clock=app[CLOCK],
+        LockedRefresh(store, locks, oauth, providers, app[api.METRICS], policy, app[CLOCK]),
     )
     app[api.REFRESHER] = refresher
     app[api.GRANTS] = GrantService(
