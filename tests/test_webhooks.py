@@ -24,6 +24,7 @@ from broker.api import STORE
 from broker.devprovider import DevProvider
 from broker.errors import ConfigError
 from broker.settings_webhooks import EVENT_TYPES
+from broker.webhooks import delivery
 from broker.webhooks.expiring import EVENT, ExpiryWatch
 from tests.conftest import (
     SECRETS,
@@ -525,3 +526,49 @@ async def test_deliveries_resume_after_redis_was_cut_off(
         first, second = receiver.attempts[:2]
         assert first.headers["webhook-id"] == second.headers["webhook-id"]
         assert verify(secret, second)["data"]["user_id"] == "oli"
+
+
+async def consumers(broker: Broker) -> dict[str, int]:
+    """Each consumer of the stream's one group and its pending entries."""
+    store = broker.app[STORE]
+    [group] = await store.redis.xinfo_groups(store.keys.events_key())
+    listed = await store.redis.xinfo_consumers(store.keys.events_key(), group["name"])
+    return {_name(c["name"]): int(c["pending"]) for c in listed}
+
+
+def _name(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def test_consumers_of_processes_gone_are_forgotten_once_they_hold_nothing(
+    make_broker: BrokerFactory,
+    provider: DevProvider,
+    receivers: Callable[..., Any],
+    store_url: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every process is a consumer of its own, so every restart leaves one behind: those not
+    seen for a while are deleted, but never one still holding an undelivered entry."""
+    monkeypatch.setattr(delivery, "CONSUMER_GONE_AFTER", 1.0)
+    monkeypatch.setattr(delivery, "GAUGE_INTERVAL", 0.2)
+    monkeypatch.setattr(delivery, "retry_after", lambda attempts, timeout: 3600.0)  # kept held
+    receiver: Receiver = await receivers()
+    broker = await make_broker(webhooks=[hook(receiver, new_secret())], **store_url)
+    await broker.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    await eventually(lambda: _true(bool(receiver.attempts)), "the connected event", 10)
+    store = broker.app[STORE]
+    stream = store.keys.events_key()
+    [group] = await store.redis.xinfo_groups(stream)
+    await store.redis.xadd(stream, {"type": "test.held", "provider": "dev", "body": b"{}"})
+    # a process gone holding an entry it never delivered, and one gone with nothing
+    await store.redis.xreadgroup(group["name"], "gone-holding", {stream: ">"}, count=1)
+    await store.redis.xreadgroup(group["name"], "gone-empty", {stream: ">"}, count=1)
+    assert (await consumers(broker))["gone-holding"] == 1
+
+    async def forgotten() -> bool:
+        return "gone-empty" not in await consumers(broker)
+
+    await eventually(forgotten, "the empty consumer forgotten", within=10)
+    left = await consumers(broker)
+    assert left["gone-holding"] == 1  # its entry goes to another consumer by the usual claim
+    assert len(left) == 2  # and this process's own consumer

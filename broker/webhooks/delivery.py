@@ -22,7 +22,7 @@ from broker.errors import StoreUnavailable
 from broker.metrics import Metrics
 from broker.settings_webhooks import WebhookSettings
 from broker.webhooks.signing import signed_headers, webhook_id
-from broker.webhooks.stream import Entry, EventStream
+from broker.webhooks.stream import CONSUMER_GONE_AFTER, Entry, EventStream
 
 log = structlog.get_logger(__name__)
 
@@ -109,6 +109,11 @@ class Receiver:
         if self._clock() >= self._gauges_at:
             self._gauges_at = self._clock() + GAUGE_INTERVAL
             await self._update_gauges()
+            forgotten = await self._stream.forget_gone_consumers(
+                self._group, self._consumer, CONSUMER_GONE_AFTER
+            )
+            if forgotten:
+                log.info("webhook.consumers_forgotten", webhook=self.hook.label, count=forgotten)
         return free > 0 and bool(entries)
 
     def _retry_after(self, attempts: int) -> float:

@@ -5,7 +5,8 @@ each entry goes to one replica (one consumer per process). An entry stays pendin
 delivery succeeds (or gives up); a failed attempt resets the entry's idle time, and any replica
 claims it again once it has been idle for its backoff. A replica killed mid-delivery leaves its
 entries pending: they age the same way and another replica claims them (``XCLAIM`` with that
-minimum idle time, so of several replicas only one wins an entry).
+minimum idle time, so of several replicas only one wins an entry). Consumers of processes that
+are gone, once they hold nothing, are deleted after ``CONSUMER_GONE_AFTER`` unseen.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from broker.keys import Keys
-from broker.store import Guard
+from broker.store import Guard, script
 
 PENDING_PAGE = 100  # pending entries looked at per turn, oldest first
+CONSUMER_GONE_AFTER = 3600.0  # seconds unseen after which a consumer holding nothing is deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class EventStream:
         self.redis = redis
         self.key = keys.events_key()
         self.guard = guard
+        self._forget = redis.register_script(script("forget_consumers.lua"))
 
     async def ensure_group(self, group: str) -> None:
         """Create ``group`` at the stream's end (a new receiver gets events from now on)."""
@@ -102,6 +105,15 @@ class EventStream:
         without counting a delivery)."""
         with self.guard("webhook"):
             await self.redis.xclaim(self.key, group, consumer, 0, [entry_id], justid=True)
+
+    async def forget_gone_consumers(self, group: str, keep: str, unseen_for: float) -> int:
+        """Delete the consumers of ``group`` (but ``keep``) that hold no pending entry and were
+        not seen for ``unseen_for`` seconds; how many there were."""
+        with self.guard("webhook"):
+            deleted = await self._forget(
+                keys=[self.key], args=[group, keep, int(unseen_for * 1000)]
+            )
+        return int(deleted)
 
     async def ack(self, group: str, entry_id: str) -> None:
         with self.guard("webhook"):
