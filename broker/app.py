@@ -142,6 +142,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         ack_timeout=settings.replica_ack_timeout,
         cache=cache,
         record_format=settings.record_format,
+        events_max_len=settings.events_max_len,
     )
     app[PENDING] = PendingAuthorizations(redis, keys, guard)
     app[RATE_LIMITER] = RateLimiter(

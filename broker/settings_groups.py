@@ -168,6 +168,14 @@ class ConnectionSettings(BaseModel):
         "reads both: set 1 while replicas of 0.1.0 still run, 2 once none do "
         "(see [operations.md](operations.md#upgrading-from-010))",
     )
+    events_max_len: Count = Field(
+        default=100000,
+        ge=1000,
+        le=100000000,
+        description="entries the events stream (webhooks, docs/webhooks.md) keeps, about (`XADD "
+        "MAXLEN ~`); a few hundred bytes each. Trimming does not wait for receivers: one that "
+        "falls further behind than this loses the oldest events",
+    )
     redis_max_connections: Count = Field(
         default=64, ge=1, le=10000, description="connections in the Redis pool per process"
     )

@@ -67,10 +67,6 @@ security = structlog.get_logger("broker.security")
 REDIS_RETRIES = 2
 INCARNATION_BITS = 32
 REDIS_HEALTH_CHECK_INTERVAL = 15
-# Entries the events stream keeps (XADD MAXLEN ~): at a few hundred bytes each, some tens of MB.
-# Trimming does not ask whether a receiver still waits for an entry: a receiver down while
-# more grants than this change state loses the oldest events (docs/webhooks.md).
-EVENTS_MAX_LEN = 100_000
 
 
 def connect(settings: Settings) -> aioredis.Redis:
@@ -172,6 +168,7 @@ class GrantStore:
         ack_timeout: float = 1.0,
         cache: GrantCache | None = None,
         record_format: int = 2,
+        events_max_len: int = 100_000,
     ) -> None:
         self.redis = redis
         # Off (never live) unless the app runs its GrantChanges listener.
@@ -184,6 +181,8 @@ class GrantStore:
         self._min_replicas = min_replicas
         self._ack_timeout = ack_timeout
         self._record_format = record_format
+        # Trimming does not ask whether a receiver still waits for an entry (docs/webhooks.md).
+        self.events_max_len = events_max_len
         self._fenced_write = redis.register_script(script("fenced_write.lua"))
         self._delete = redis.register_script(script("delete_grant.lua"))
         # One script may only name keys of one Redis Cluster slot; the stream is in another.
@@ -285,7 +284,7 @@ class GrantStore:
             iso_ms(grant.updated_at),
             _event_data(grant.provider, grant.user_id, grant.last_error),
             grant.provider,
-            str(EVENTS_MAX_LEN),
+            str(self.events_max_len),
             self.keys.changes_channel(),
         ]
         acked: int | None = None
@@ -326,7 +325,7 @@ class GrantStore:
         with self.guard("delete"), self._invalidating(grant_key):
             # Not pipelined with the index updates: a cluster pipeline runs no scripts.
             removed: list[Any] = await self._delete(
-                keys=keys, args=[*args, EVENTS_MAX_LEN, self.keys.changes_channel()]
+                keys=keys, args=[*args, self.events_max_len, self.keys.changes_channel()]
             )
             pipe = self.redis.pipeline(transaction=False)
             self.schedule.unindex(pipe, provider, member(user_id))
@@ -363,7 +362,7 @@ class GrantStore:
                 await self.redis.xadd(
                     self.keys.events_key(),
                     {"type": event_type, "provider": provider, "body": body},
-                    maxlen=EVENTS_MAX_LEN,
+                    maxlen=self.events_max_len,
                     approximate=True,
                 )
         except StoreUnavailable:

@@ -572,3 +572,18 @@ async def test_consumers_of_processes_gone_are_forgotten_once_they_hold_nothing(
     left = await consumers(broker)
     assert left["gone-holding"] == 1  # its entry goes to another consumer by the usual claim
     assert len(left) == 2  # and this process's own consumer
+
+
+async def test_the_stream_keeps_about_events_max_len_entries(
+    make_broker: BrokerFactory, provider: DevProvider, store_url: dict[str, str]
+) -> None:
+    broker = await make_broker(events_max_len=1000, **store_url)
+    for i in range(1500):
+        status, _ = await broker.import_grant(f"u-{i}", refresh_token=f"rt-{i}", access_token="at")
+        assert status == 201
+    store = broker.app[STORE]
+    kept = await store.redis.xlen(store.keys.events_key())
+    # MAXLEN ~ trims whole nodes of the stream (100 entries by default): never below the bound
+    assert 1000 <= kept < 1200, kept
+    newest = await store.redis.xrevrange(store.keys.events_key(), count=1)
+    assert json.loads(newest[0][1][b"body"])["data"]["user_id"] == "u-1499"

@@ -21,7 +21,7 @@ import structlog
 from broker.errors import GrantUnreadable, StoreUnavailable
 from broker.keys import user_id_of
 from broker.models import iso, iso_ms
-from broker.store import EVENTS_MAX_LEN, GrantStore
+from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
 
@@ -103,7 +103,7 @@ class ExpiryWatch:
             await self._store.redis.xadd(
                 self._store.keys.events_key(),
                 {"type": EVENT, "provider": provider, "body": body},
-                maxlen=EVENTS_MAX_LEN,
+                maxlen=self._store.events_max_len,
                 approximate=True,
             )
         return 1
