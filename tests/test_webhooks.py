@@ -585,5 +585,5 @@ async def test_the_stream_keeps_about_events_max_len_entries(
     kept = await store.redis.xlen(store.keys.events_key())
     # MAXLEN ~ trims whole nodes of the stream (100 entries by default): never below the bound
     assert 1000 <= kept < 1200, kept
-    newest = await store.redis.xrevrange(store.keys.events_key(), count=1)
+    newest: Any = await store.redis.xrevrange(store.keys.events_key(), count=1)
     assert json.loads(newest[0][1][b"body"])["data"]["user_id"] == "u-1499"
