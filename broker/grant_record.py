@@ -8,8 +8,9 @@ chooses which one is written, so a rolling upgrade from a version that reads onl
 writes format 1 until no such replica is left.
 
 Both formats skip fields they do not know, so a record written by a newer version (one more
-field) stays readable during a rolling upgrade. Field numbers are forever: a field that goes
-away leaves its number unused.
+field) stays readable during a rolling upgrade. Field numbers are forever (a field that goes
+away leaves its number unused), and so are the defaults format 2 leaves out: a changed default
+would change what every stored record says (tests/test_grant_record.py pins them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import msgpack
 from broker.errors import GrantUnreadable
 from broker.models import Grant
 
-__all__ = ["FIELD_NUMBERS", "decode", "encode"]
+__all__ = ["DEFAULTS", "FIELD_NUMBERS", "decode", "encode"]
 
 COMPACT = b"\x02"  # never the first byte of a JSON text
 
@@ -50,7 +51,9 @@ _NAMES = {number: name for name, number in FIELD_NUMBERS.items()}
 _PAYLOAD_FIELDS = tuple(f.name for f in fields(Grant) if f.name in FIELD_NUMBERS)
 _RECORD_FIELDS = frozenset(_PAYLOAD_FIELDS)
 # Left out of format 2 when at these values; a field without a default is always written.
-_DEFAULTS = {f.name: f.default for f in fields(Grant) if f.default is not MISSING}
+DEFAULTS = {
+    f.name: f.default for f in fields(Grant) if f.name in FIELD_NUMBERS and f.default is not MISSING
+}
 # Tokens pass through as the provider sent them, lone surrogates included (as JSON escapes them).
 _UNICODE_ERRORS = "surrogatepass"
 
@@ -64,7 +67,7 @@ def encode(grant: Grant, record_format: int = 2) -> bytes:
     for name in _PAYLOAD_FIELDS:
         value = getattr(grant, name)
         # ``type`` too: 0.0 == 0 == False, and a float field must come back a float.
-        default = _DEFAULTS.get(name, MISSING)
+        default = DEFAULTS.get(name, MISSING)
         if default is MISSING or value != default or type(value) is not type(default):
             compact[FIELD_NUMBERS[name]] = value
     return COMPACT + msgpack.packb(compact, unicode_errors=_UNICODE_ERRORS)

@@ -74,6 +74,28 @@ def test_every_stored_field_has_its_own_number() -> None:
     assert len(set(grant_record.FIELD_NUMBERS.values())) == len(stored)
 
 
+def test_the_defaults_format_2_leaves_out_never_change() -> None:
+    """A record in format 2 does not hold a field at its default: changing a default of
+    ``Grant`` would change what every such record says. Use a new format number instead."""
+    assert grant_record.DEFAULTS == {
+        "access_token": None,
+        "token_type": "Bearer",
+        "access_expires_at": None,
+        "access_issued_at": None,
+        "scope": None,
+        "state": "active",
+        "next_refresh_at": None,
+        "last_refreshed_at": None,
+        "refresh_count": 0,
+        "consecutive_failures": 0,
+        "last_error": None,
+        "refresh_token_issued_at": None,
+        "refresh_token_expires_at": None,
+        "created_at": 0.0,
+        "updated_at": 0.0,
+    }
+
+
 @pytest.mark.parametrize(
     "payload",
     [
