@@ -33,6 +33,7 @@ from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.grant_cache import GrantCache, GrantChanges
 from broker.grants import GrantService
+from broker.key_roster import KeyRoster
 from broker.keys import Keys
 from broker.locks import GrantLocks, LockStore
 from broker.metrics import Metrics
@@ -106,6 +107,7 @@ def create_app(
     app.cleanup_ctx.append(_app_scheduler)
     app.cleanup_ctx.append(_webhooks)
     app.cleanup_ctx.append(_census)
+    app.cleanup_ctx.append(_key_roster)
     app.cleanup_ctx.append(_scheduler)  # registered last: stops first
     if reload_on_sighup:
         app.cleanup_ctx.append(
@@ -323,6 +325,20 @@ async def _census(app: web.Application) -> AsyncIterator[None]:
     census = KeyCensus(store.redis, store.keys, app[api.KEYRING], app[api.METRICS], store.guard)
     stop = asyncio.Event()
     task = asyncio.create_task(census.run(interval, stop), name="key-census")
+    yield
+    stop.set()
+    await task
+
+
+async def _key_roster(app: web.Application) -> AsyncIterator[None]:
+    """This process's entry in the roster ``broker rekey`` checks (see broker/key_roster.py)."""
+    if app[api.SETTINGS].is_memory_store:  # one process; nothing rekeys it from outside
+        yield
+        return
+    store = app[api.STORE]
+    roster = KeyRoster(store.redis, store.keys, store.guard, app[api.KEYRING].primary_id)
+    stop = asyncio.Event()
+    task = asyncio.create_task(roster.run(stop), name="key-roster")
     yield
     stop.set()
     await task

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         "meanwhile is never overwritten. Resumable and idempotent: run it again after an "
         "interruption. Exit status: 0 every record is under the first key; 1 some are not yet "
         "(dry run, --limit, Redis failed, records kept changing); 2 unusable configuration; 3 "
-        "records that cannot be decrypted (counted, never shown).",
+        "records that cannot be decrypted (counted, never shown); 4 refused: a running process "
+        "still encrypts with another key (named; nothing was rewritten).",
     )
     rekey.add_argument(
         "--config",

@@ -65,6 +65,10 @@ class Keys:
         """The pub/sub channel every grant write and delete publishes its key on."""
         return f"{self._prefix}:grant-changes"
 
+    def encrypting_key(self, process: str) -> str:
+        """A serving process's entry naming the key it encrypts with (``broker/key_roster.py``)."""
+        return f"{self._prefix}:encrypting:{process}"
+
     def rt_expiry_key(self, provider: str) -> str:
         return f"{self._prefix}:rt-expiry:{provider}"
 

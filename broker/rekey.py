@@ -56,6 +56,8 @@ class RekeyReport:
     limited: bool = False  # the limit of rewrites left some under another key
     interrupted: bool = False  # stopped on request (Ctrl-C) after a whole batch
     by_key: Counter[str] = field(default_factory=Counter)
+    # running processes encrypting with another key (broker/key_roster.py): refused to start
+    behind: dict[str, str] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:

@@ -27,11 +27,12 @@ from broker import audit
 from broker.census import publish
 from broker.config import Settings
 from broker.crypto import KeyRing
+from broker.key_roster import encrypting
 from broker.keys import Keys
 from broker.rekey import Rekeyer, RekeyReport
 from broker.store import close, connect
 
-OK, REMAINING, CONFIG, UNREADABLE, INTERRUPTED = 0, 1, 2, 3, 130
+OK, REMAINING, CONFIG, UNREADABLE, BEHIND, INTERRUPTED = 0, 1, 2, 3, 4, 130
 PLAIN_EVERY = 2.0  # seconds between two plain progress lines
 
 
@@ -78,6 +79,10 @@ def rekey(
             file=err,
         )
         return REMAINING
+    if report.behind:
+        _finish(report, options, "refused", keyring, out)
+        print(_behind(report.behind, keyring.primary_id), file=err)
+        return BEHIND
     if report.interrupted:
         _finish(report, options, "interrupted", keyring, out)
         print("broker: interrupted; run `broker rekey` again: it resumes", file=err)
@@ -120,6 +125,18 @@ async def _run(
             stop=stop,
         )
         holder.append(rekeyer.report)
+        # A process still encrypting with another key would write records under it after
+        # this run: refuse before changing anything (a dry run only says so).
+        behind = {
+            process: key_id
+            for process, key_id in (await encrypting(redis, keys)).items()
+            if key_id != keyring.primary_id
+        }
+        if behind and not options.dry_run:
+            rekeyer.report.behind = behind
+            return rekeyer.report
+        if behind:
+            print(_behind(behind, keyring.primary_id), file=err)
         if not options.quiet:
             shown.start(await rekeyer.total())
         try:
@@ -256,6 +273,16 @@ def _finish(
         print(f"  {name + ':':<30}{count:>10}", file=out)
     by_key = ", ".join(f"{kid}={n}" for kid, n in sorted(report.by_key.items()))
     print(f"  {'records by key:':<30}{by_key or '-':>10}", file=out)
+
+
+def _behind(behind: dict[str, str], primary: str) -> str:
+    processes = ", ".join(f"{process} ({key_id})" for process, key_id in sorted(behind.items()))
+    return (
+        f"broker: {len(behind)} running process(es) encrypt with another key than {primary}: "
+        f"{processes}. Put {primary} first on every replica and restart them (a stopped "
+        "process drops out of this list within 30 s), then run `broker rekey` again; "
+        "nothing was re-encrypted"
+    )
 
 
 def _verdict(report: RekeyReport, options: RekeyOptions, primary: str) -> str:

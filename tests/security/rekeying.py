@@ -83,5 +83,7 @@ async def mid_rotation(
     a broker that knew only that one; this one encrypts with a new key and reads both."""
     old, new = new_key("kold"), new_key("knew")
     common = {"redis_url": redis_url, "key_prefix": key_prefix}
-    await seed(await make_broker(encryption_keys=old, **common), grants)
+    seeder = await make_broker(encryption_keys=old, **common)
+    await seed(seeder, grants)
+    await seeder.client.close()  # gone, as a replica of the old configuration would be
     return await make_broker(encryption_keys=f"{new},{old}", **settings, **common)

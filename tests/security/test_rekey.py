@@ -14,6 +14,7 @@ import aiohttp
 from broker.api import KEYRING, STORE
 from broker.crypto import grant_aad
 from broker.devprovider import DevProvider
+from broker.key_roster import ROSTER_TTL, encrypting
 from broker.records import KINDS, RecordKind
 from broker.rekey import Rekeyer
 from broker.store import GrantStore
@@ -97,6 +98,12 @@ async def test_rekey_while_two_replicas_serve_and_refresh(
     await eventually(
         lambda: _true(provider.refresh_requests > refreshes + 10), "background refreshes", 20
     )
+    # `before` still serves with the old key first (the rollout has not finished): refused
+    refused = await run_rekey(replicas[0].settings)
+    assert refused.status == 4, refused.err
+    assert "(kold)" in refused.err
+    assert "nothing was re-encrypted" in refused.err
+    await before.client.close()  # the rollout finishes: its entry goes with it
     stop = asyncio.Event()
     load = asyncio.create_task(traffic(replicas, users, stop))
     try:
@@ -173,6 +180,7 @@ async def test_a_refresh_in_flight_during_the_rekey_still_stores_its_rotated_tok
     provider.settings.access_token_ttl = 60
     before = await make_broker(encryption_keys=old, **common)
     await before.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    await before.client.close()  # the old configuration is gone before the rekey
     replica = await make_broker(encryption_keys=f"{new},{old}", **common)
     replica.clock.advance(50)  # 10 s left: asking for 30 refreshes
     requests = provider.token_requests
@@ -340,6 +348,8 @@ async def test_unreadable_records_fail_the_run_and_are_counted_never_shown(
     await seed(lost, [grant("lost-1"), grant("lost-2")])
     before = await make_broker(encryption_keys=old, **common)
     await seed(before, [grant("kept")])
+    for gone_process in (lost, before):  # the old configurations are gone before the rekey
+        await gone_process.client.close()
     replica = await make_broker(encryption_keys=f"{new},{old}", **common)
     store = store_of(replica)
     lost_blob = await store.redis.hget(store.keys.grant_key("dev", "lost-1"), "blob")
@@ -391,6 +401,7 @@ async def test_app_tokens_are_rekeyed_and_served_under_the_new_key_alone(
         status, body, _ = await before.call("GET", f"/v1/app-tokens/dev?scope={quote(scope)}")
         assert status == 200, body
         tokens[scope] = body["access_token"]
+    await before.client.close()  # the old configuration is gone before the rekey
     replica = await make_broker(encryption_keys=f"{new},{old}", **common)
     store = store_of(replica)
     assert await key_ids(store.redis, store.keys) == {"kold": 2}
@@ -404,3 +415,28 @@ async def test_app_tokens_are_rekeyed_and_served_under_the_new_key_alone(
         status, body, _ = await after.call("GET", f"/v1/app-tokens/dev?scope={quote(scope)}")
         assert (status, body["access_token"]) == (200, token)
     assert provider.client_credentials_requests == requests  # served from the rekeyed records
+
+
+async def test_each_serving_process_names_its_key_until_it_stops(
+    make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """What `broker rekey` checks first: every serving process keeps an entry naming the key
+    it encrypts with, expiring unless renewed, removed when it stops."""
+    old, new = new_key("kold"), new_key("knew")
+    common = {"redis_url": redis_server.url, "key_prefix": key_prefix}
+    behind = await make_broker(encryption_keys=old, **common)
+    rotated = await make_broker(encryption_keys=f"{new},{old}", **common)
+    store = store_of(rotated)
+
+    async def listed() -> bool:
+        return sorted((await encrypting(store.redis, store.keys)).values()) == ["knew", "kold"]
+
+    await eventually(listed, "both processes in the roster", within=5)
+    for process in await encrypting(store.redis, store.keys):
+        assert 0 < await store.redis.ttl(store.keys.encrypting_key(process)) <= ROSTER_TTL
+    dry = await run_rekey(rotated.settings, dry_run=True)  # only warns
+    assert "(kold)" in dry.err
+    assert dry.status == 0, dry.err  # nothing stored under another key
+    await behind.client.close()
+    assert list((await encrypting(store.redis, store.keys)).values()) == ["knew"]
+    assert (await run_rekey(rotated.settings)).status == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis as syncredis
+import redis.asyncio as aioredis
 
 from broker.api import KEYRING, STORE
 from broker.census import KeyCensus
@@ -45,6 +46,7 @@ async def test_rekey_and_the_census_cover_every_primary_of_a_cluster(
     )
     for i in range(3):
         assert (await start_authorization(before, f"p-{i}", landing.url + "/x"))[0] == 201
+    await before.client.close()  # the old configuration is gone before the rekey
     replica = await make_broker(redis_url=cluster, encryption_keys=f"{new},{old}", **allow)
     store = replica.app[STORE]
     assert await key_ids(store.redis, store.keys) == {"kold": 93}
@@ -71,6 +73,7 @@ async def test_rekey_behind_sentinel_waits_for_the_replica(
     common = {"redis_url": sentinel_setup.url, "key_prefix": key_prefix}
     before = await make_broker(encryption_keys=old, **common)
     await seed(before, [grant(f"u-{i}") for i in range(20)])
+    await before.client.close()  # the old configuration is gone before the rekey
     replica = await make_broker(
         encryption_keys=f"{new},{old}", min_replicas_to_ack=1, replica_ack_timeout=1.0, **common
     )
@@ -112,6 +115,7 @@ async def test_a_killed_run_leaves_every_record_readable_and_a_rerun_finishes(
     users = [f"u-{i}" for i in range(3000)]
     for start in range(0, len(users), 500):
         await seed(before, [grant(u) for u in users[start : start + 500]])
+    await before.client.close()  # the old configuration is gone before the rekey
     config = tmp_path / "broker.toml"
     config.write_text(CONFIG.format(token_url=provider.token_url, **common), encoding="utf-8")
     env = {**os.environ, "BROKER_ENCRYPTION_KEYS": f"{new},{old}"}
@@ -135,18 +139,21 @@ async def test_a_killed_run_leaves_every_record_readable_and_a_rerun_finishes(
         assert b"run `broker rekey` again: it resumes" in rest
 
     keyring = KeyRing(parse_encryption_keys(f"{new},{old}"))
-    store = before.app[STORE]
-    blobs = await _all_blobs(store.redis, store.keys, users)
-    assert all(isinstance(b, bytes) and keyring.decrypt(b, _aad(u)) for u, b in blobs.items())
-    counts = await key_ids(store.redis, store.keys)
-    assert sum(counts.values()) == 3000
+    redis, keys = aioredis.Redis.from_url(redis_server.url), Keys(key_prefix)
+    try:
+        blobs = await _all_blobs(redis, keys, users)
+        assert all(isinstance(b, bytes) and keyring.decrypt(b, _aad(u)) for u, b in blobs.items())
+        counts = await key_ids(redis, keys)
+        assert sum(counts.values()) == 3000
 
-    second = await asyncio.create_subprocess_exec(
-        *command, "--quiet", env=env, stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await second.communicate()
-    assert second.returncode == 0, out
-    assert await key_ids(store.redis, store.keys) == {"knew": 3000}
+        second = await asyncio.create_subprocess_exec(
+            *command, "--quiet", env=env, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await second.communicate()
+        assert second.returncode == 0, out
+        assert await key_ids(redis, keys) == {"knew": 3000}
+    finally:
+        await redis.aclose()
 
 
 def _aad(user_id: str) -> bytes:
