@@ -38,6 +38,7 @@ def seed(port: int, keyring: KeyRing, grants: int, now: float, record_format: in
     due = now + 80_000  # none comes due during the benchmark
     version = str((1 << INCARNATION_BITS) + 1).encode()
     schedule = keys.schedule_key(PROVIDER).encode()
+    expiry_index = keys.rt_expiry_key(PROVIDER).encode()
     # Placeholders as long as the tokens that replace them: a record holds string lengths.
     template = grant_record.encode(
         Grant(
@@ -58,7 +59,7 @@ def seed(port: int, keyring: KeyRing, grants: int, now: float, record_format: in
         ),
         record_format,
     )
-    created = repr(now).encode()
+    created, rt_expiry = repr(now).encode(), repr(now + 28 * 86_400).encode()
     started = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as sock:
         stream = sock.makefile("rb")
@@ -86,11 +87,14 @@ def seed(port: int, keyring: KeyRing, grants: int, now: float, record_format: in
                         b"active",
                         b"c",
                         created,
+                        b"rx",
+                        rt_expiry,
                     )
                 )
                 out.append(command(b"ZADD", schedule, repr(due), m))
+                out.append(command(b"ZADD", expiry_index, rt_expiry, m))
             sock.sendall(b"".join(out))
-            for _ in range(2 * (last - first)):
+            for _ in range(3 * (last - first)):
                 reply = stream.readline()
                 if reply.startswith(b"-"):
                     raise SystemExit(f"seeding failed: {reply.decode().strip()}")
@@ -98,15 +102,18 @@ def seed(port: int, keyring: KeyRing, grants: int, now: float, record_format: in
 
 
 def redis_bytes_per_grant(port: int, grants: int, used_before: int) -> tuple[float, float]:
-    """(MEMORY USAGE of a sample of grant hashes plus their schedule entries, used_memory
-    growth per grant while seeding)."""
+    """(MEMORY USAGE of a sample of grant hashes plus their schedule and refresh-token expiry
+    entries, used_memory growth per grant while seeding)."""
     client = redis.Redis(port=port)
     keys = Keys()
     sample = [f"{USER}{i * max(1, grants // 100)}" for i in range(min(100, grants))]
     per_hash = statistics.mean(
         int(client.memory_usage(keys.grant_key(PROVIDER, u), samples=0) or 0) for u in sample
     )
-    schedule = int(client.memory_usage(keys.schedule_key(PROVIDER), samples=0) or 0)
+    indexes = sum(
+        int(client.memory_usage(key, samples=0) or 0)
+        for key in (keys.schedule_key(PROVIDER), keys.rt_expiry_key(PROVIDER))
+    )
     used = int(client.info("memory")["used_memory"]) - used_before
     client.close()
-    return per_hash + schedule / grants, used / grants
+    return per_hash + indexes / grants, used / grants

@@ -2,8 +2,9 @@
 
 Format 1 is a JSON object with every field by its full name: what broker 0.1.0 wrote. Format 2
 is the byte ``0x02`` and a MessagePack map from field numbers to values, fields at their
-defaults left out: with real timestamps it is about 40 % of format 1's size, which keeps a grant
-under 1 KiB of Redis memory (docs/performance.md). Every version reads both; ``record_format``
+defaults left out: with real timestamps it is about a third of format 1's size, which takes a
+grant from about 1,300 to about 920 bytes of Redis (docs/performance.md). Every version reads
+both; ``record_format``
 chooses which one is written, so a rolling upgrade from a version that reads only format 1
 writes format 1 until no such replica is left.
 

@@ -152,8 +152,8 @@ class Metrics:
         )
         self.index_repairs = Counter(
             "broker_index_repairs",
-            "Index entries the reconciler repaired (a grant missing from the schedule or a "
-            "state set after a lost index update).",
+            "Index entries the reconciler repaired (a grant missing from the schedule, a "
+            "state set or the refresh-token expiry index after a lost index update).",
             ["provider", "index"],
             registry=r,
         )

@@ -1,11 +1,13 @@
-"""Finding grants the indexes lost: every grant on the schedule, every state set right.
+"""Finding grants the indexes lost: every grant on the schedule, every state set and the
+refresh-token expiry index right.
 
 The indexes are updated after each grant write with single-key commands (no cross-slot
 transaction), so a Redis error or a crash between the two can leave a grant off the schedule:
 nothing would refresh it until a caller asks. The reconciler walks the grant keys with SCAN, a
-bounded batch per step, compares each grant's ``due`` and ``st`` fields (written with the record,
-in clear) with the schedule and the state sets, and repairs what differs. A step costs the same
-whatever the number of grants; a full pass takes ``grants / reconcile_batch`` steps.
+bounded batch per step, compares each grant's ``due``, ``st`` and ``rx`` fields (written with the
+record, in clear) with the schedule, the state sets and the expiry index, and repairs what
+differs. A step costs the same whatever the number of grants; a full pass takes
+``grants / reconcile_batch`` steps.
 
 On one server (or Sentinel) a script checks and repairs a whole batch at one instant
 (``lua/reconcile_batch.lua``). On a Redis Cluster a grant's indexes live in other slots than its
@@ -38,6 +40,7 @@ class _Seen:
     version: bytes
     due: str
     state: str
+    rt_expiry: str | None  # '' none; None not known (written before 'rx' was kept in clear)
 
 
 SCRIPT_BATCH = 250  # grants one script call checks: bounds how long it holds the server
@@ -82,6 +85,7 @@ class IndexReconciler:
                     key,
                     keys_of.schedule_of(provider, m),
                     *(keys_of.state_key(provider, state) for state in STATE_SETS),
+                    keys_of.rt_expiry_key(provider),
                 ]
                 members.append(m)
             assert self._script is not None
@@ -126,10 +130,10 @@ class IndexReconciler:
             return []
         pipe = self._store.redis.pipeline(transaction=False)
         for key, _ in parsed:
-            pipe.hmget(key, ["v", "due", "st"])
+            pipe.hmget(key, ["v", "due", "st", "rx"])
         rows = await pipe.execute()
         seen = []
-        for (key, ids), (version, due, state) in zip(parsed, rows, strict=True):
+        for (key, ids), (version, due, state, rx) in zip(parsed, rows, strict=True):
             assert ids is not None
             provider, member = ids
             if version is None:
@@ -138,11 +142,14 @@ class IndexReconciler:
                 legacy = await self._legacy(provider, member)
                 if legacy is None:
                     continue
-                due, state = legacy
-            seen.append(_Seen(provider, member, key, version, _text(due or b""), _text(state)))
+                due, state, rx = legacy
+            expiry = None if rx is None else _text(rx)
+            seen.append(
+                _Seen(provider, member, key, version, _text(due or b""), _text(state), expiry)
+            )
         return seen
 
-    async def _legacy(self, provider: str, member: str) -> tuple[bytes, bytes] | None:
+    async def _legacy(self, provider: str, member: str) -> tuple[bytes, bytes, bytes] | None:
         try:
             grant = await self._store.read(provider, user_id_of(member))
         except GrantUnreadable:
@@ -150,7 +157,8 @@ class IndexReconciler:
         if grant is None:
             return None
         due = b"" if grant.next_refresh_at is None else repr(grant.next_refresh_at).encode()
-        return due, grant.state.encode()
+        expires = grant.refresh_token_expires_at
+        return due, grant.state.encode(), b"" if expires is None else repr(expires).encode()
 
     async def _repair(self, seen: list[_Seen]) -> int:
         if not seen:
@@ -161,12 +169,13 @@ class IndexReconciler:
             pipe.zscore(store.keys.schedule_of(s.provider, s.member), s.member)
             for state in STATE_SETS:
                 pipe.sismember(store.keys.state_key(s.provider, state), s.member)
+            pipe.zscore(store.keys.rt_expiry_key(s.provider), s.member)
             pipe.hget(s.key, "v")
         answers = await pipe.execute()
         fixes = store.redis.pipeline(transaction=False)
         repairs = 0
         for i, s in enumerate(seen):
-            score, *members, version = answers[i * 4 : i * 4 + 4]
+            score, *members, expiry, version = answers[i * 5 : i * 5 + 5]
             if version != s.version:
                 continue  # written meanwhile: that write updated the indexes itself
             if s.state != "reauth_required" and s.due and score is None:
@@ -177,6 +186,15 @@ class IndexReconciler:
                     key = store.keys.state_key(s.provider, state)
                     (fixes.sadd if s.state == state else fixes.srem)(key, s.member)
                     repairs += self._count(s.provider, s.member, state)
+            if s.rt_expiry is not None:
+                wanted = s.state != "reauth_required" and s.rt_expiry != ""
+                if wanted != (expiry is not None):
+                    key = store.keys.rt_expiry_key(s.provider)
+                    if wanted:
+                        fixes.zadd(key, {s.member: s.rt_expiry}, nx=True)
+                    else:
+                        fixes.zrem(key, s.member)
+                    repairs += self._count(s.provider, s.member, "refresh_token_expiry")
         if repairs:
             await fixes.execute()
         return repairs

@@ -163,8 +163,8 @@ class ConnectionSettings(BaseModel):
         default=2,
         ge=1,
         le=2,
-        description="the format grant records are written in: 2, compact (MessagePack, about 40 % "
-        "of format 1's size); 1, JSON, the only one broker 0.1.0 reads. Every version since "
+        description="the format grant records are written in: 2, compact (MessagePack, about a "
+        "third of format 1's size); 1, JSON, the only one broker 0.1.0 reads. Every version since "
         "reads both: set 1 while replicas of 0.1.0 still run, 2 once none do "
         "(see [operations.md](operations.md#upgrading-from-010))",
     )

@@ -4,12 +4,13 @@ Keys of one grant share a hash tag, ``{prefix}:{<provider>:<base64url(user id)>}
 multi-key scripts stay within one Redis Cluster slot. base64url without padding is injective and
 contains no ``{`` or ``}``, so two user ids never share a key whatever characters they hold.
 
-Each grant is a hash ``{v: version, blob: encrypted record, due, st, c}``. Writes are
+Each grant is a hash ``{v: version, blob: encrypted record, due, st, c, rx}``. Writes are
 compare-and-set on ``v`` (a fence): a writer whose view is stale, for example a refresh whose
 lock expired while a newer record was written, cannot overwrite that record. Versions never
 repeat, even across a delete and a new import (see ``base_version``). ``due`` (next refresh
-time) and ``st`` (state) repeat, in clear, what the indexes must say, so the reconciler can
-check them without decrypting; neither is a secret (the status endpoint shows both).
+time), ``st`` (state) and ``rx`` (the refresh token's expiry, '' none) repeat, in clear, what
+the indexes must say, so the reconciler can check them without decrypting; none is a secret
+(the status endpoint shows them all).
 
 A write or delete that changes a grant's state appends its event (docs/webhooks.md) to the
 events stream in the same script, so the event is stored before the change is acknowledged
@@ -286,6 +287,7 @@ class GrantStore:
             grant.provider,
             str(self.events_max_len),
             self.keys.changes_channel(),
+            "" if grant.refresh_token_expires_at is None else repr(grant.refresh_token_expires_at),
         ]
         acked: int | None = None
         # Dropped before (a read racing the write must not be served after it) and after.

@@ -111,7 +111,11 @@ async def test_grants_refresh_and_revoke_on_a_cluster(
 ) -> None:
     provider.settings.access_token_ttl = 2
     broker = await make_broker(
-        redis_url=cluster, schedule_shards=SHARDS, reconcile_interval=0.05, **FAST
+        redis_url=cluster,
+        schedule_shards=SHARDS,
+        reconcile_interval=0.05,
+        provider={"refresh_token_max_age": 7 * 86400},
+        **FAST,
     )
     for i in range(USERS):
         status, _ = await broker.import_grant(
@@ -143,14 +147,16 @@ async def test_grants_refresh_and_revoke_on_a_cluster(
     lost = member("idle")
     await store.redis.zrem(store.keys.schedule_of("dev", lost), lost)
     await store.redis.sadd(store.keys.state_key("dev", "reauth_required"), lost)
+    await store.redis.zrem(store.keys.rt_expiry_key("dev"), lost)
 
     async def repaired() -> bool:
         scheduled = await store.redis.zscore(store.keys.schedule_of("dev", lost), lost)
         wrong = await store.redis.sismember(store.keys.state_key("dev", "reauth_required"), lost)
-        return scheduled is not None and not wrong
+        expiring = await store.redis.zscore(store.keys.rt_expiry_key("dev"), lost)
+        return scheduled is not None and not wrong and expiring is not None
 
     await eventually(repaired, "the reconciler to put the grant back", within=10)
-    for index in ("schedule", "reauth_required"):
+    for index in ("schedule", "reauth_required", "refresh_token_expiry"):
         assert metric(broker, "broker_index_repairs_total", provider="dev", index=index) >= 1
     slots = {key_slot(store.keys.schedule_key("dev", shard).encode()) for shard in range(SHARDS)}
     assert len(slots) > 1  # the schedule is not one hot slot

@@ -62,6 +62,8 @@ def record(keyring: KeyRing, g: Grant) -> dict[str, Any]:
         "blob": keyring.encrypt(grant_record.encode(g), grant_aad(g.provider, g.user_id)),
         "due": "" if g.next_refresh_at is None else repr(g.next_refresh_at),
         "st": g.state,
+        "c": repr(g.created_at),
+        "rx": "" if g.refresh_token_expires_at is None else repr(g.refresh_token_expires_at),
     }
 
 

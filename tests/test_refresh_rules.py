@@ -358,6 +358,35 @@ async def test_a_lost_grant_of_an_old_record_format_is_scheduled_again(
     assert metric(broker, "broker_index_repairs_total", provider="dev", index="schedule") == 1
 
 
+async def test_a_lost_refresh_token_expiry_entry_is_put_back(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """The index behind ``broker_refresh_tokens_expiring`` and the expiry warnings: an entry a
+    lost update left out is put back, a stale one taken out."""
+    broker = await make_broker(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        reconcile_interval=0.05,
+        provider={"refresh_token_max_age": 7 * 86400},
+        **FAST,
+    )
+    await import_grants(broker, provider, 2, expires_in=600)
+    store = broker.app[STORE]
+    expiry = store.keys.rt_expiry_key("dev")
+    lost, stale = member("user-0"), member("user-1")
+    await store.redis.zrem(expiry, lost)
+    # user-1 ends up in reauth_required: its entry must go (as if that index update was lost)
+    await store.redis.hset(store.keys.grant_key("dev", "user-1"), "st", "reauth_required")
+
+    async def repaired() -> bool:
+        back = await store.redis.zscore(expiry, lost) is not None
+        return back and await store.redis.zscore(expiry, stale) is None
+
+    await eventually(repaired, "the reconciler to mend the expiry index", within=5)
+    labels = {"provider": "dev", "index": "refresh_token_expiry"}
+    assert metric(broker, "broker_index_repairs_total", **labels) == 2
+
+
 async def test_a_rotated_write_goes_on_through_an_outage_at_shutdown(
     make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
 ) -> None:

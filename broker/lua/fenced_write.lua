@@ -4,7 +4,8 @@
 -- fresh nonce); ARGV[4] next refresh time ('' none); ARGV[5] state; ARGV[6] created time;
 -- ARGV[7] event timestamp; ARGV[8] event data without its state ('{"provider":..,"user_id":..,
 -- "last_error":..'); ARGV[9] provider; ARGV[10] the stream's approximate maximum length;
--- ARGV[11] the grant-changes channel (every replica's cache drops the grant: grant_cache.py).
+-- ARGV[11] the grant-changes channel (every replica's cache drops the grant: grant_cache.py);
+-- ARGV[12] the refresh token's expiry ('' none), in clear for the reconciler like 'due'.
 -- Returns {1, event type, event body} written ('' type: the state did not change), {2} already
 -- written by this very call (redis-py retried it after its reply was lost; its event was
 -- appended then), {0} the record is at another version.
@@ -17,7 +18,7 @@ if (current or '0') ~= ARGV[1] then
 end
 local old = redis.call('HMGET', KEYS[1], 'st', 'c')
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'blob', ARGV[3], 'due', ARGV[4], 'st', ARGV[5],
-  'c', ARGV[6])
+  'c', ARGV[6], 'rx', ARGV[12])
 redis.call('PUBLISH', ARGV[11], KEYS[1])
 -- The event is decided here, where both states are known, whichever code path wrote.
 local new, event = ARGV[5], ''
