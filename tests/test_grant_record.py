@@ -68,6 +68,13 @@ def test_the_compact_format_is_under_half_the_size_of_json() -> None:
     assert compact_size < json_size / 2, (compact_size, json_size)
 
 
+def test_a_timestamp_equal_to_updated_at_takes_one_byte() -> None:
+    """A refresh stamps several fields with the same instant: format 2 writes them as a mark."""
+    shifted = replace(LIVE, access_issued_at=LIVE.updated_at - 1.0)
+    assert len(grant_record.encode(shifted)) == len(grant_record.encode(LIVE)) + 8
+    assert grant_record.decode("p", "u", 5, grant_record.encode(shifted)) == shifted
+
+
 def test_every_stored_field_has_its_own_number() -> None:
     stored = {f.name for f in fields(Grant)} - {"provider", "user_id", "version"}
     assert set(grant_record.FIELD_NUMBERS) == stored
