@@ -68,12 +68,17 @@ class Refresher:
             grant = await self._run.access_only.serve(grant)
             if not grant.refreshable:
                 return grant
-        for _ in range(2):  # a shared refresh started for a smaller min_ttl: then our own
+        for _ in range(3):  # a shared refresh started for a smaller min_ttl: then our own
             if fresh_enough(grant, min_ttl, self.clock()):
                 return grant
             flight = self._flight(provider, user_id, min_ttl, "on_demand")
             grant, answered = await self._joined(flight, provider, user_id)
             if not answered:
+                continue
+            if not flight.task.done() and not fresh_enough(grant, min_ttl, self.clock()):
+                # Answered early, before its write landed, and that answer no longer lasts:
+                # ours starts once that flight has stored its rotated token and let go.
+                await asyncio.wait([flight.task])
                 continue
             if flight.min_ttl >= min_ttl:
                 break

@@ -111,6 +111,40 @@ async def test_a_redis_stall_mid_refresh_keeps_the_rotated_token_and_answers_at_
     assert provider.reused_refresh_tokens == 0
 
 
+async def test_a_caller_arriving_after_an_early_answer_expired_gets_a_fresh_token(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """A refresh answered early (its write stalled) stays in flight until the write lands. A
+    caller arriving once that early answer has expired must not be handed it (an expired token,
+    503): it waits for the write, then refreshes with the rotated token, which is presented
+    once."""
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix, redis_timeout=0.3)
+    await broker.import_grant("u", refresh_token=provider.issue_refresh_token("u"))
+    broker.clock.advance(3600)
+    admin = syncredis.Redis.from_url(redis_server.url)
+    provider.hold()
+    first = asyncio.create_task(broker.token("u"))
+    await provider.wait_for_token_requests(provider.token_requests + 1)
+    admin.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")  # type: ignore[no-untyped-call]
+    try:
+        provider.release()
+        assert (await first)[0] == 200  # answered early: the rotated tokens' write waits
+        assert broker.app[REFRESHER].in_flight("dev", "u")
+        broker.clock.advance(3600)  # the early answer has expired
+        requests = provider.token_requests
+        second = asyncio.create_task(broker.token("u"))
+        await asyncio.sleep(0.5)
+        assert not second.done()  # waiting for the first flight's write, not answered stale
+        assert provider.token_requests == requests
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+    status, token = await second
+    assert status == 200, token
+    assert provider.access_token_expires_at(token["access_token"]) is not None
+    assert (await broker.grant("u"))[1]["refresh_count"] == 3
+    assert provider.reused_refresh_tokens == 0
+
+
 async def test_a_waiting_caller_returns_as_soon_as_a_fresh_token_is_stored(
     make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
 ) -> None:
