@@ -243,6 +243,9 @@ def main() -> None:
     parser.add_argument("--grants", type=int, default=20_000, help="grants seeded (users)")
     parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="hello-world/broker pairs")
+    parser.add_argument(
+        "--warm-up", type=int, default=2, help="seconds of unmeasured load before each run"
+    )
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="broker serve --workers N")
     parser.add_argument("--log-level", default="info", help="broker's log_level (default info)")
@@ -356,15 +359,20 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
         "hello-world": (f"http://127.0.0.1:{hello_port}", hello.pid),
         token_target: (f"http://127.0.0.1:{broker_port}", broker.pid),
     }
-    for name, (url, pid) in targets.items():  # warm-up: connections, caches, JIT-free Python
-        wrk(name, url, pid, wrk_env, 2, args.connections)
     rows = [
         ["round", "target", "req/s", "p50 ms", "p99 ms", "errors", "CPU s/s", "CPU µs/req", "ratio"]
     ]
     ratios = []
+
+    def measured(name: str) -> Load:
+        """A run after ``--warm-up`` seconds of the same load: caches as a serving process has
+        them (broker's grant cache empties while the other target is measured)."""
+        if args.warm_up > 0:
+            wrk(name, *targets[name], wrk_env, args.warm_up, args.connections)
+        return wrk(name, *targets[name], wrk_env, args.seconds, args.connections)
+
     for n in range(1, args.rounds + 1):
-        base = wrk("hello-world", *targets["hello-world"], wrk_env, args.seconds, args.connections)
-        tok = wrk(token_target, *targets[token_target], wrk_env, args.seconds, args.connections)
+        base, tok = measured("hello-world"), measured(token_target)
         ratios.append(tok.rps / base.rps)
         for load in (base, tok):
             rows.append(

@@ -168,6 +168,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     yield
     if changes is not None:
         await changes.stop()
+    await app[api.STORE].settle()
     await close(redis)  # behind Sentinel, the sentinels' connections too
 
 

@@ -11,7 +11,10 @@ pings every second), so a connection cut off without a word stops serving; after
 ``DEAF_AFTER`` seconds the listener drops it and subscribes on a new one. A write by
 this process drops its entry at once, before the write is sent and after it returns. A change
 nobody publishes (someone editing Redis by hand, a replica of an older version) is served for
-at most ``max_age`` seconds. The cache never feeds a refresh: the refresh path reads Redis
+at most ``max_age`` seconds. An entry asked for in the last quarter of its life is read again
+in the background (:meth:`GrantCache.lookup`), so a grant in steady demand is always answered
+from the cache: a miss waits for Redis behind every request that arrived meanwhile, the tail
+of a busy replica's latency. The cache never feeds a refresh: the refresh path reads Redis
 under the grant's lock, and every write is fenced on that read.
 """
 
@@ -41,6 +44,8 @@ HEARD_WITHIN = 3.0  # seconds since Redis last answered the listener for entries
 # connection whose peer vanished without a reset would otherwise stay silent (and the cache
 # off) until the kernel gives up on it, a quarter of an hour later.
 DEAF_AFTER = 5.0
+# An entry read this late in its life (a share of max_age left) is read again in the background.
+RENEW_WITHIN = 0.25
 
 
 class GrantCache:
@@ -55,7 +60,8 @@ class GrantCache:
         self.live = False
         self._heard_until = 0.0
         self._clock = clock
-        self._entries: dict[str, tuple[float, Grant]] = {}
+        self._entries: dict[str, tuple[float, float, Grant]] = {}  # expiry, renewal, grant
+        self._renewing: set[str] = set()
         # Bumped by every change heard: a read that started before a change must not fill
         # the cache with what it read (the change may have landed after the read).
         self.generation = 0
@@ -64,27 +70,44 @@ class GrantCache:
         return len(self._entries)
 
     def get(self, key: str) -> Grant | None:
+        return self.lookup(key)[0]
+
+    def lookup(self, key: str) -> tuple[Grant | None, bool]:
+        """The entry's grant, and whether the caller should read it again now (late in its
+        life, and no other caller is doing so: :meth:`renewed` when done)."""
         entry = self._entries.get(key)
         if entry is None:
-            return None
+            return None, False
         now = self._clock()
         if now >= entry[0]:
             del self._entries[key]
-            return None
-        return entry[1] if now <= self._heard_until else None
+            return None, False
+        if now > self._heard_until:
+            return None, False
+        if now < entry[1] or key in self._renewing:
+            return entry[2], False
+        self._renewing.add(key)
+        return entry[2], True
+
+    def renewed(self, key: str) -> None:
+        self._renewing.discard(key)
 
     def heard(self) -> None:
         """Redis answered the listener: its connection delivered everything sent before."""
         self._heard_until = self._clock() + HEARD_WITHIN
 
-    def put(self, key: str, grant: Grant, generation: int) -> None:
-        """Keep ``grant``, read at ``generation``, unless something changed since."""
+    def put(self, key: str, grant: Grant | None, generation: int) -> None:
+        """Keep ``grant`` (None: there is none), read at ``generation``, unless something
+        changed since."""
         if not self.live or generation != self.generation or self.max_age <= 0:
             return
         self._entries.pop(key, None)  # re-inserted last: the oldest are first to go
+        if grant is None:
+            return
         while len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
-        self._entries[key] = (self._clock() + self.max_age, grant)
+        now = self._clock()
+        self._entries[key] = (now + self.max_age, now + self.max_age * (1 - RENEW_WITHIN), grant)
 
     def invalidate(self, key: str) -> None:
         self.generation += 1

@@ -8,6 +8,8 @@ shows within a second was carried by the change channel, not by the cache's age 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -17,11 +19,12 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.api import STORE
 from broker.devprovider import DevProvider
 from broker.grant_cache import DEAF_AFTER, HEARD_WITHIN, GrantCache
 from broker.keys import Keys
 from broker.models import Grant
-from tests.conftest import BrokerFactory, RedisServer, eventually, metric, path
+from tests.conftest import Broker, BrokerFactory, RedisServer, eventually, metric, path
 from tests.faults import TcpProxy
 from tests.fleet import Fleet, Replica, start_fleet, stop_fleet
 
@@ -80,6 +83,24 @@ def test_nothing_is_kept_or_served_unless_the_listener_is_subscribed_and_heard()
     off.reset(live=True)
     off.put("k", GRANT_A, off.generation)
     assert len(off) == 0
+
+
+def test_an_entry_asked_for_late_in_its_life_is_read_again_once() -> None:
+    cache, ticks = live_cache(max_age=4.0)
+    cache.put("k", GRANT_A, cache.generation)
+    ticks.now += 2.9
+    assert cache.lookup("k") == (GRANT_A, False)  # early in its life
+    ticks.now += 0.2  # the last quarter: one caller reads it again, the others are served
+    cache.heard()
+    assert cache.lookup("k") == (GRANT_A, True)
+    assert cache.lookup("k") == (GRANT_A, False)
+    cache.renewed("k")  # that read raced a change: nothing kept, the next caller tries again
+    assert cache.lookup("k") == (GRANT_A, True)
+    cache.put("k", GRANT_B, cache.generation)
+    cache.renewed("k")
+    assert cache.lookup("k") == (GRANT_B, False)  # a new entry, its own life
+    cache.put("k", None, cache.generation)  # read again: the grant is gone
+    assert cache.lookup("k") == (None, False)
 
 
 def test_the_oldest_grants_go_first_when_full() -> None:
@@ -210,6 +231,57 @@ async def test_a_lost_subscription_empties_the_cache(
             assert (await call(http, pair, b, "GET", path("tokens", user)))[0] == 404
     finally:
         await redis.aclose()
+
+
+async def test_a_grant_in_steady_demand_is_always_answered_from_the_cache(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """Asked for every 50 ms for longer than the cache keeps an entry: the entry is read again
+    in the background before it expires, so no request waits for Redis after the first; a
+    change nobody published (a hand delete) still shows within the cache's age limit."""
+    max_age = 4.0
+    broker = await make_broker(
+        redis_url=redis_server.url, key_prefix=key_prefix, token_cache_seconds=max_age
+    )
+    body = {"refresh_token": provider.issue_refresh_token("u"), "access_token": "at-u"}
+    assert (await broker.import_grant("u", expires_in=3600, **body))[0] == 201
+
+    def lookups(result: str) -> float:
+        return metric(broker, "broker_grant_cache_lookups_total", result=result)
+
+    async def served_from_cache() -> bool:
+        hits = lookups("hit")
+        return (await broker.token("u"))[0] == 200 and lookups("hit") > hits
+
+    await eventually(served_from_cache, "the grant served from the cache", within=5)
+    misses, hits = lookups("miss"), lookups("hit")
+    reads = await reads_of(broker)
+    deadline = time.monotonic() + max_age * 1.25
+    while time.monotonic() < deadline:
+        assert (await broker.token("u"))[0] == 200
+        await asyncio.sleep(0.05)
+    assert lookups("miss") == misses
+    assert lookups("hit") > hits + max_age * 10
+    assert await reads_of(broker) > reads  # read again, by nobody's request
+
+    redis = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await redis.delete(Keys(key_prefix).grant_key("dev", "u"))  # unpublished
+    finally:
+        await redis.aclose()
+    deleted_at = time.monotonic()
+
+    async def gone() -> bool:
+        return (await broker.token("u"))[0] == 404
+
+    await eventually(gone, "the hand-deleted grant gone", within=max_age + 1)
+    assert time.monotonic() - deleted_at <= max_age + 1
+
+
+async def reads_of(broker: Broker) -> int:
+    """HMGETs the broker's Redis server has answered (all clients: compare, don't count)."""
+    info = await broker.app[STORE].redis.info("commandstats")
+    return int(info.get("cmdstat_hmget", {}).get("calls", 0))
 
 
 async def test_a_listener_whose_connection_goes_silent_subscribes_on_a_new_one(
