@@ -1,6 +1,7 @@
 """Request ids, the one log line per request, problem JSON for every error, client auth.
 
-Order (outermost first): ``observe`` (request id, timing, metrics, canonical log line) →
+Order (outermost first): ``observe`` (request id, timing, metrics, the request's one log line:
+its audit event if it has one, else ``request``) →
 ``problems`` (any exception becomes RFC 9457 JSON) → ``authenticate`` (``/v1/`` only: the API
 key, then the client's rate limit).
 """
@@ -18,6 +19,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from broker import audit
 from broker.auth import Authenticator
 from broker.config import ClientSettings
 from broker.errors import BrokerError, GrantUnreadable, RateLimited, Unauthenticated, Unavailable
@@ -86,6 +88,7 @@ def make_middlewares(
         else:
             request_id = new_id()
         bind_request(request_id)
+        line = audit.request_line()
         started = time.perf_counter()
         status = 500
         metrics.http_in_flight.inc()
@@ -106,16 +109,17 @@ def make_middlewares(
             method = request.method
             metrics.child(metrics.http_requests, route, method, str(status)).inc()
             metrics.child(metrics.http_duration, route).observe(elapsed)
-            client = request.get(CLIENT)
-            (log.warning if status >= 500 else log.info)(
-                "request",
-                method=method,
-                path=request.path,
-                route=route,
-                status=status,
-                duration_ms=round(elapsed * 1000, 2),
-                client=client.name if isinstance(client, ClientSettings) else None,
-            )
+            fields = {
+                "method": method,
+                "path": request.path,
+                "route": route,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+            }
+            if not line.write(**fields):
+                client = request.get(CLIENT)
+                name = client.name if isinstance(client, ClientSettings) else None
+                (log.warning if status >= 500 else log.info)("request", **fields, client=name)
 
     @web.middleware
     async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -4,6 +4,7 @@ the session's log check guard that too)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -64,6 +65,86 @@ async def call(broker: Broker, method: str, url: str, **kwargs: Any) -> tuple[in
     headers = {"X-Request-Id": request_id, **kwargs.pop("headers", {})}
     status, _, _ = await broker.call(method, url, headers=headers, **kwargs)
     return status, request_id
+
+
+def lines_of(log_file: Path, request_id: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line.get("request_id") == request_id]
+
+
+async def test_every_request_is_told_by_one_line(
+    broker: Broker, provider: DevProvider, log_file: Path
+) -> None:
+    """An audited request's one line is its audit event, carrying the request's own fields;
+    any other request (refused before its action, or not audited) gets a ``request`` line."""
+    user = "one-line"
+    body = {"refresh_token": provider.issue_refresh_token(user), "access_token": "at-1"}
+    assert (await broker.import_grant(user, expires_in=3600, **body))[0] == 201
+    wrong_key = {"Authorization": "Bearer not-a-key"}
+    cases = [
+        ("GET", path("tokens", user), {}, 200, "broker.audit", "token.handout", "info"),
+        ("GET", path("tokens", "nobody"), {}, 404, "broker.audit", "token.handout", "warning"),
+        ("DELETE", path("grants", user), {}, 204, "broker.audit", "grant.delete", "info"),
+        ("GET", path("tokens", user), wrong_key, 401, "broker.http", "request", "info"),
+        ("GET", "/healthz", {}, 200, "broker.http", "request", "info"),
+    ]
+    common, events = documented()
+    for method, url, headers, status, logger, event, level in cases:
+        answered, request_id = await call(broker, method, url, headers=headers)
+        assert answered == status, (method, url)
+        told = [line for line in lines_of(log_file, request_id) if "status" in line]
+        assert len(told) == 1, told  # other events may name the request, none tells it again
+        [line] = told
+        assert (line["logger"], line["event"], line["level"]) == (logger, event, level)
+        assert line["method"] == method
+        assert line["status"] == status
+        assert line["path"] == url.split("?")[0]
+        assert line["duration_ms"] >= 0
+        if logger == audit.LOGGER:
+            assert set(line) <= common | events[event], line
+            assert line["route"] in (
+                "/v1/tokens/{provider}/{user_id}",
+                "/v1/grants/{provider}/{user_id}",
+            )
+
+
+async def test_an_audit_event_of_another_task_is_written_at_once() -> None:
+    """A task started during a request copies its context: an event it records must not wait
+    for (or be told as) that request's line."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    output = vars(OUTPUT).copy()
+    configure_logging("json", "info", stream=stream)
+    try:
+        line = audit.request_line()
+
+        async def elsewhere() -> None:
+            audit.record(
+                audit.CONFIG_RELOAD, client=None, provider=None, user_id=None, outcome="applied"
+            )
+
+        await asyncio.create_task(elsewhere())
+        assert [json.loads(x)["event"] for x in stream.getvalue().splitlines()] == ["config.reload"]
+        audit.record(audit.GRANT_DELETE, client="c", provider="p", user_id="u", outcome="success")
+        audit.record(audit.GRANT_IMPORT, client="c", provider="p", user_id="u", outcome="success")
+        assert line.write(method="DELETE", status=204)
+        assert not line.write(method="DELETE", status=204)  # written once
+        audit.record(audit.GRANT_IMPORT, client="c", provider="p", user_id="v", outcome="success")
+    finally:
+        structlog.configure(**config)
+        vars(OUTPUT).update(output)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    written = [json.loads(x) for x in stream.getvalue().splitlines()]
+    # the second event of the request and the one after its line are written as they happen
+    assert [(r["event"], r.get("status")) for r in written] == [
+        ("config.reload", None),
+        ("grant.import", None),
+        ("grant.delete", 204),
+        ("grant.import", None),
+    ]
 
 
 def test_the_documentation_lists_the_events_the_code_defines() -> None:

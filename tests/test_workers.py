@@ -78,7 +78,7 @@ def token_requests_by_pid(replica: Replica) -> Counter[int]:
     return Counter(
         line["pid"]
         for line in log_lines(replica)
-        if line.get("event") == "request" and line.get("route") == TOKEN_ROUTE
+        if line.get("route") == TOKEN_ROUTE and "status" in line  # a request's one line
     )
 
 
