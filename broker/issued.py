@@ -42,18 +42,23 @@ class IssuedWriter:
         expected_version: int,
         *,
         on_delay: Callable[[], None] | None = None,
+        lock_token: str | None = None,
     ) -> WriteOutcome:
         """Store ``new`` over ``expected_version``: "written", "conflict" (another record is
         there: the fence held), or "lost" when Redis stayed unreachable for the whole window.
         ``on_delay`` runs once, at the first failed attempt: callers can be answered with the
-        new access token while the write goes on."""
-        task = asyncio.create_task(self._write(new, expected_version, on_delay))
+        new access token while the write goes on. ``lock_token``: see ``GrantStore.write``."""
+        task = asyncio.create_task(self._write(new, expected_version, on_delay, lock_token))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         return await asyncio.shield(task)
 
     async def _write(
-        self, new: Grant, expected_version: int, on_delay: Callable[[], None] | None
+        self,
+        new: Grant,
+        expected_version: int,
+        on_delay: Callable[[], None] | None,
+        lock_token: str | None,
     ) -> WriteOutcome:
         deadline = time.monotonic() + self.window
         delay = BACKOFF_FIRST
@@ -61,7 +66,7 @@ class IssuedWriter:
         while True:
             attempts += 1
             try:
-                written = await self._store.write(new, expected_version)
+                written = await self._store.write(new, expected_version, lock_token=lock_token)
             except StoreUnavailable:
                 if attempts == 1:
                     log.warning(

@@ -143,12 +143,13 @@ class HeldLock:
     valid_until: float  # monotonic; the lock is certainly ours until then
     lost: bool = False
     finished: bool = False  # its holder is done: stop renewing
+    released: bool = False  # by the write that stored its refresh's result (GrantStore.write)
     acquired_at: float = field(default_factory=time.monotonic)
     stage: str = "acquired"  # what the holder is doing: told when a hold lasts too long
     record: Record | None = None  # the grant's, read with the lock (``acquire(read=True)``)
 
     def remaining(self) -> float:
-        return 0.0 if self.lost else self.valid_until - time.monotonic()
+        return 0.0 if self.lost or self.released else self.valid_until - time.monotonic()
 
 
 class GrantLocks:
@@ -192,7 +193,7 @@ class GrantLocks:
 
     async def renew(self, held: HeldLock) -> bool:
         """Extend the lock now; False (and ``held.lost``) if it is no longer ours."""
-        if held.lost:
+        if held.lost or held.released:
             return False
         sent = time.monotonic()
         if await self._store.renew(held.provider, held.user_id, held.token, self.ttl):
@@ -251,7 +252,7 @@ class GrantLocks:
         await asyncio.gather(renewer, return_exceptions=True)
 
     async def release(self, held: HeldLock) -> None:
-        if held.lost:
+        if held.lost or held.released:
             return
         try:
             await self._store.release(held.provider, held.user_id, held.token)

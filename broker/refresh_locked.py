@@ -217,7 +217,10 @@ class LockedRefresh:
                 result.set_result(new)
 
         held.stage = "write"
-        outcome = await self.issued.write(new, grant.version, on_delay=answer_early)
+        outcome = await self.issued.write(
+            new, grant.version, on_delay=answer_early, lock_token=held.token
+        )
+        held.released = outcome == "written" and self._store.unlocks_on_write
         log.info(
             "refresh.succeeded",
             provider=grant.provider,

@@ -183,6 +183,9 @@ class GrantStore:
         self._min_replicas = min_replicas
         self._ack_timeout = ack_timeout
         self._record_format = record_format
+        # With min_replicas_to_ack a lock goes only once WAIT confirmed the write (the holder
+        # releases it after); in the write's own step it would go before that confirmation.
+        self.unlocks_on_write = min_replicas <= 0
         # Trimming does not ask whether a receiver still waits for an entry (docs/webhooks.md).
         self.events_max_len = events_max_len
         self._fenced_write = redis.register_script(script("fenced_write.lua"))
@@ -284,8 +287,14 @@ class GrantStore:
             incarnation = int(await self.redis.incr(self.keys.incarnations_key()))
         return incarnation << INCARNATION_BITS
 
-    async def write(self, grant: Grant, expected_version: int) -> bool:
+    async def write(
+        self, grant: Grant, expected_version: int, *, lock_token: str | None = None
+    ) -> bool:
         """Store ``grant`` if the record is still at ``expected_version``; False if not.
+
+        ``lock_token``: the writer holds the grant's lock with it, and the lock goes in the
+        same step as the write when :attr:`unlocks_on_write` (a refresh's last round trip
+        saved); never when the write does not land.
 
         Idempotent under redis-py's retries: a write whose reply was lost and that is sent
         again recognises itself (its ciphertext is unique) and counts as written. With
@@ -298,6 +307,7 @@ class GrantStore:
         blob = self._keyring.encrypt(payload, grant_aad(grant.provider, grant.user_id))
         grant_key = self.keys.grant_key(grant.provider, grant.user_id)
         keys = self._event_keys(grant_key)
+        keys.insert(1, self.keys.lock_key(grant.provider, grant.user_id))
         due = "" if grant.next_refresh_at is None else repr(grant.next_refresh_at)
         args: list[str | bytes] = [
             str(expected_version),
@@ -312,6 +322,7 @@ class GrantStore:
             str(self.events_max_len),
             self.keys.changes_channel(),
             "" if grant.refresh_token_expires_at is None else repr(grant.refresh_token_expires_at),
+            lock_token if lock_token is not None and self.unlocks_on_write else "",
         ]
         acked: int | None = None
         # Dropped before (a read racing the write must not be served after it) and after.

@@ -76,6 +76,55 @@ async def test_a_write_whose_reply_was_lost_recognises_itself(
         assert provider.reused_refresh_tokens == 0
 
 
+async def test_a_refresh_write_releases_the_lock_only_when_it_lands(
+    make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """The write of a refresh's result releases the lock in the same step (one round trip
+    fewer), but only a write that landed and only the writer's own lock: a lock that goes
+    without the rotated token stored would let another replica present the spent one."""
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
+    await broker.import_grant("u", refresh_token="rt-1", access_token="at-1", expires_in=600)
+    store = broker.app[STORE]
+    lock_key = store.keys.lock_key("dev", "u")
+    token = await LockStore(store).acquire("dev", "u", 30)
+    assert isinstance(token, str)
+    read = await store.read("dev", "u")
+    assert read is not None
+    new = replace(read, access_token="at-2", version=read.version + 1)
+
+    assert not await store.write(new, read.version - 1, lock_token=token)  # fenced out
+    assert await store.redis.get(lock_key) == token.encode()
+    assert await store.write(new, read.version, lock_token="another-holder")
+    assert await store.redis.get(lock_key) == token.encode()
+    newer = replace(new, access_token="at-3", version=new.version + 1)
+    assert await store.write(newer, new.version, lock_token=token)
+    assert await store.redis.get(lock_key) is None
+    assert (await broker.token("u"))[1]["access_token"] == "at-3"
+    assert provider.reused_refresh_tokens == 0
+
+
+async def test_with_replica_acks_the_lock_outlives_the_write(
+    make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """With ``min_replicas_to_ack`` the holder releases the lock after WAIT confirmed the
+    write, never in the write's own step (a failover in between could lose the write but not
+    the release)."""
+    broker = await make_broker(
+        redis_url=redis_server.url, key_prefix=key_prefix, min_replicas_to_ack=1,
+        replica_ack_timeout=0.05,
+    )  # fmt: skip
+    await broker.import_grant("u", refresh_token="rt-1", access_token="at-1", expires_in=600)
+    store = broker.app[STORE]
+    assert not store.unlocks_on_write
+    token = await LockStore(store).acquire("dev", "u", 30)
+    assert isinstance(token, str)
+    read = await store.read("dev", "u")
+    assert read is not None
+    written = replace(read, version=read.version + 1)
+    assert await store.write(written, read.version, lock_token=token)
+    assert await store.redis.get(store.keys.lock_key("dev", "u")) == token.encode()
+
+
 async def test_a_redis_stall_mid_refresh_keeps_the_rotated_token_and_answers_at_once(
     make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
 ) -> None:

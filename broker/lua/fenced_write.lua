@@ -1,16 +1,25 @@
 -- Write a grant record only if it is still at the version the writer read (0 = absent).
--- KEYS[1] grant hash; KEYS[2] the event stream (absent on a Redis Cluster: the caller appends).
+-- KEYS[1] grant hash; KEYS[2] its lock; KEYS[3] the event stream (absent on a Redis Cluster: the
+-- caller appends).
 -- ARGV[1] expected version; ARGV[2] new version; ARGV[3] encrypted record (unique per write: a
 -- fresh nonce); ARGV[4] next refresh time ('' none); ARGV[5] state; ARGV[6] created time;
 -- ARGV[7] event timestamp; ARGV[8] event data without its state ('{"provider":..,"user_id":..,
 -- "last_error":..'); ARGV[9] provider; ARGV[10] the stream's approximate maximum length;
 -- ARGV[11] the grant-changes channel (every replica's cache drops the grant: grant_cache.py);
--- ARGV[12] the refresh token's expiry ('' none), in clear for the reconciler like 'due'.
+-- ARGV[12] the refresh token's expiry ('' none), in clear for the reconciler like 'due';
+-- ARGV[13] the writer's lock token ('' none): the lock, if still held with it, is released once
+-- the record is written (in this step: never before the write, so never without it).
 -- Returns {1, event type, event body} written ('' type: the state did not change), {2} already
 -- written by this very call (redis-py retried it after its reply was lost; its event was
 -- appended then), {0} the record is at another version.
 local current = redis.call('HGET', KEYS[1], 'v')
+local function unlock()
+  if ARGV[13] ~= '' and redis.call('GET', KEYS[2]) == ARGV[13] then
+    redis.call('DEL', KEYS[2])
+  end
+end
 if current == ARGV[2] and redis.call('HGET', KEYS[1], 'blob') == ARGV[3] then
+  unlock()
   return {2}
 end
 if (current or '0') ~= ARGV[1] then
@@ -20,6 +29,7 @@ local old = redis.call('HMGET', KEYS[1], 'st', 'c')
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'blob', ARGV[3], 'due', ARGV[4], 'st', ARGV[5],
   'c', ARGV[6], 'rx', ARGV[12])
 redis.call('PUBLISH', ARGV[11], KEYS[1])
+unlock()
 -- The event is decided here, where both states are known, whichever code path wrote.
 local new, event = ARGV[5], ''
 if not current or (old[2] and old[2] ~= ARGV[6]) then
@@ -36,8 +46,8 @@ if event == '' then
 end
 local body = '{"type":"' .. event .. '","timestamp":"' .. ARGV[7] .. '","data":' .. ARGV[8]
   .. ',"state":"' .. new .. '"}}'
-if KEYS[2] then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*',
+if KEYS[3] then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*',
     'type', event, 'provider', ARGV[9], 'body', body)
 end
 return {1, event, body}
