@@ -27,11 +27,13 @@ import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from seeding import seed  # bench/, beside this file
 
-from broker.api import METRICS, STORE
+from broker.api import KEYRING, METRICS, STORE
 from broker.app import create_app
 from broker.config import Settings, build_settings
 from broker.crypto import new_key
@@ -151,28 +153,16 @@ async def idle_cost(redis_url: str, grants: int, seconds: float) -> None:
     app = create_app(settings.model_copy(update={"scheduler_enabled": False}))
     runner = web.AppRunner(app)
     await runner.setup()
-    store = app[STORE]
-    later = time.time() + 3600
+    url = urlsplit(redis_url)  # the records and index entries as writes leave them, pipelined
     started = time.perf_counter()
-    batch = 200
-    for first in range(0, grants, batch):  # records and schedule entries, as writes leave them
-        await asyncio.gather(
-            *(
-                store.write(
-                    Grant(
-                        provider="dev",
-                        user_id=f"idle-{i}",
-                        refresh_token=f"rt-{i}",
-                        access_token=f"at-{i}",
-                        access_expires_at=later + 300,
-                        next_refresh_at=later,
-                        version=1,
-                    ),
-                    0,
-                )
-                for i in range(first, min(first + batch, grants))
-            )
-        )
+    seed(
+        url.port or 6379,
+        app[KEYRING],
+        grants,
+        time.time(),
+        host=url.hostname or "127.0.0.1",
+        prefix=PREFIX,
+    )
     print(f"idle: stored {grants:,} grants in {time.perf_counter() - started:.0f} s")
     await runner.cleanup()
 

@@ -28,12 +28,21 @@ def command(*args: object) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
 
 
-def seed(port: int, keyring: KeyRing, grants: int, now: float, record_format: int = 2) -> float:
+def seed(
+    port: int,
+    keyring: KeyRing,
+    grants: int,
+    now: float,
+    record_format: int = 2,
+    *,
+    host: str = "127.0.0.1",
+    prefix: str | None = None,
+) -> float:
     """Store ``grants`` fresh grants (``user-0`` ...) with their schedule entries, as broker's
     own writes leave them after a refresh (every timestamp set), in ``record_format``; returns
     the seconds it took. Raw RESP over one socket, pipelined: a million grants in well under a
     minute."""
-    keys = Keys()
+    keys = Keys() if prefix is None else Keys(prefix)
     expires = now + 86_400
     due = now + 80_000  # none comes due during the benchmark
     version = str((1 << INCARNATION_BITS) + 1).encode()
@@ -61,7 +70,7 @@ def seed(port: int, keyring: KeyRing, grants: int, now: float, record_format: in
     )
     created, rt_expiry = repr(now).encode(), repr(now + 28 * 86_400).encode()
     started = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with socket.create_connection((host, port)) as sock:
         stream = sock.makefile("rb")
         for first in range(0, grants, SEED_BATCH):
             out = []
