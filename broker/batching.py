@@ -31,19 +31,33 @@ class CommandBatcher:
         self._redis = redis
         # A cluster pipeline runs no scripts: those go out one by one there.
         self._scripts = not isinstance(redis, RedisCluster)
-        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # Each entry: commands and the one future of their replies (a list for ``execute_many``).
+        self._pending: list[tuple[list[tuple[Any, ...]], asyncio.Future[Any], bool]] = []
+        self._queued = 0  # commands in ``_pending``
         self._flights: set[asyncio.Task[None]] = set()
 
     async def execute(self, *args: Any) -> Any:
         """The reply of one command; the error of this command, if any, or of the whole
         pipeline (a connection lost) for every caller in it."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        return await self._queue([args], many=False)
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of several commands, an error in place of a failed command's reply
+        (the whole pipeline's error if it was lost). One future for all: a task per command
+        was the larger part of their cost."""
+        replies: list[Any] = await self._queue(commands, many=True)
+        return replies
+
+    def _queue(self, commands: list[tuple[Any, ...]], *, many: bool) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append((args, future))
-        if len(self._pending) >= MAX_BATCH:
+            loop.call_soon(self._flush)
+        self._pending.append((commands, future, many))
+        self._queued += len(commands)
+        if self._queued >= MAX_BATCH:
             self._flush()
-        return await future
+        return future
 
     async def script(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | bytes | int | float]
@@ -58,35 +72,41 @@ class CommandBatcher:
         return await script(keys=keys, args=args)
 
     def _flush(self) -> None:
-        batch, self._pending = self._pending, []
+        batch, self._pending, self._queued = self._pending, [], 0
         if not batch:
             return
         flight = asyncio.create_task(self._send(batch))
         self._flights.add(flight)
         flight.add_done_callback(self._flights.discard)
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[list[tuple[Any, ...]], asyncio.Future[Any], bool]]
+    ) -> None:
         try:
             pipe = self._redis.pipeline(transaction=False)
-            for args, _ in batch:
-                pipe.execute_command(*args)
-            replies = await pipe.execute(raise_on_error=False)
+            for commands, _, _ in batch:
+                for args in commands:
+                    pipe.execute_command(*args)
+            replies = iter(await pipe.execute(raise_on_error=False))
         except asyncio.CancelledError:  # shutdown: its callers are being cancelled too
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
         except Exception as err:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(err)
             return
-        for (_, future), reply in zip(batch, replies, strict=True):
+        for commands, future, many in batch:
+            mine = [next(replies) for _ in commands]
             if future.done():  # its caller gave up (cancelled)
                 continue
-            if isinstance(reply, BaseException):
-                future.set_exception(reply)
+            if many:
+                future.set_result(mine)
+            elif isinstance(mine[0], BaseException):
+                future.set_exception(mine[0])
             else:
-                future.set_result(reply)
+                future.set_result(mine[0])
 
 
 class ReadBatcher:

@@ -9,7 +9,6 @@ update is found by the reconciler (``broker/reconcile.py``).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
@@ -62,10 +61,7 @@ class ScheduleIndex:
         try:
             with self.guard("index"):
                 # Batched with other callers' commands of this loop turn (broker/batching.py).
-                replies = await asyncio.gather(
-                    *(self.batch.execute(*c) for c in commands), return_exceptions=True
-                )
-                for reply in replies:
+                for reply in await self.batch.execute_many(commands):
                     if isinstance(reply, BaseException):
                         raise reply
         except StoreUnavailable:

@@ -33,6 +33,34 @@ async def test_concurrent_reads_each_get_their_own_answer(
         await client.aclose()
 
 
+async def test_commands_sent_together_get_their_replies_in_order_beside_other_callers(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    """``execute_many`` (a grant's index updates): its replies in its own order, a failed
+    command's error in its place, other callers of the same loop turn unaffected."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.set(f"{key_prefix}:s", "a string")
+        batcher = CommandBatcher(client)
+        together = batcher.execute_many(
+            [
+                ("ZADD", f"{key_prefix}:z", 5, "m"),
+                ("SADD", f"{key_prefix}:s", "m"),  # wrong type: fails alone
+                ("ZSCORE", f"{key_prefix}:z", "m"),
+            ]
+        )
+        alone = batcher.execute("SET", f"{key_prefix}:other", "x")
+        replies, other = await asyncio.gather(together, alone)
+        assert replies[0] == 1
+        assert float(replies[2]) == 5.0
+        assert isinstance(replies[1], ResponseError)
+        assert other is True
+        assert await client.get(f"{key_prefix}:other") == b"x"
+    finally:
+        await client.delete(f"{key_prefix}:z", f"{key_prefix}:s", f"{key_prefix}:other")
+        await client.aclose()
+
+
 async def test_a_lost_connection_fails_every_read_in_the_batch_then_reads_resume(
     own_redis: RedisServer,
 ) -> None:
