@@ -180,7 +180,7 @@ class AppTokenService:
             if valid is None:
                 raise UpstreamUnavailable("the app token could not be obtained now; try again")
             return valid
-        renewer = asyncio.create_task(self._locks.keep_renewed(held))
+        renewal = self._locks.renewing(held)
         try:
             stored = await self.store.read(provider, sid)
             if satisfied(stored.token):
@@ -194,7 +194,7 @@ class AppTokenService:
                     raise
                 return valid
         finally:
-            await self._locks.stop_renewing(held, renewer)
+            await renewal.stop()
             await self._locks.release(held)
 
     def _valid(self, stored: Stored) -> AppToken | None:

@@ -5,7 +5,7 @@ and the holder must know until when the lock is certainly still its own, whateve
 between (a frozen process, a lost Redis connection): ``valid_until`` is measured on the
 monotonic clock from *before* the command that set the lock's expiry was sent, so Redis expired
 it no earlier. ``ensure`` lets a caller start work (a provider call and the write of its result)
-only when the lock stays ours for all of it; a renewal task extends it meanwhile.
+only when the lock stays ours for all of it; a ``Renewal`` extends it meanwhile.
 """
 
 from __future__ import annotations
@@ -215,41 +215,9 @@ class GrantLocks:
         if not renewed or held.remaining() < needed:
             raise LockLost()
 
-    async def keep_renewed(self, held: HeldLock) -> None:
-        """Renew every quarter of the lock's lifetime until the holder is finished (see
-        ``stop_renewing``) or the lock is lost."""
-        delay = self.ttl / 4
-        warned = False
-        while not (held.lost or held.finished):
-            await asyncio.sleep(delay)
-            if held.finished:
-                return
-            held_for = time.monotonic() - held.acquired_at
-            if held_for > self.ttl and not warned:
-                warned = True  # a hold longer than a whole lock_ttl: something is stuck
-                log.error(
-                    "lock.held_long",
-                    provider=held.provider,
-                    user_id=held.user_id,
-                    stage=held.stage,
-                    held_for=round(held_for, 1),
-                )
-            try:
-                if not await self.renew(held):
-                    return
-                delay = self.ttl / 4
-            except StoreUnavailable:
-                log.warning("lock.renew_failed", provider=held.provider, user_id=held.user_id)
-                delay = min(RENEW_RETRY, self.ttl / 4)
-
-    @staticmethod
-    async def stop_renewing(held: HeldLock, renewer: asyncio.Task[None]) -> None:
-        """End a ``keep_renewed`` task. The flag, not only the cancellation, ends its loop:
-        on Python 3.11 a cancellation that races a timeout inside redis-py can be swallowed
-        (``asyncio.wait_for``), and a renewer that survived it would hold the lock forever."""
-        held.finished = True
-        renewer.cancel()
-        await asyncio.gather(renewer, return_exceptions=True)
+    def renewing(self, held: HeldLock) -> Renewal:
+        """Renew ``held`` every quarter of the lock's lifetime until ``Renewal.stop``."""
+        return Renewal(self, held)
 
     async def release(self, held: HeldLock) -> None:
         if held.lost or held.released:
@@ -264,9 +232,67 @@ class GrantLocks:
         """Hold the lock (renewed) while the body runs: imports, deletes, code exchanges."""
         held = await self.acquire(provider, user_id)
         assert held is not None  # no ``until``: acquire returns a lock or raises
-        renewer = asyncio.create_task(self.keep_renewed(held))
+        renewal = self.renewing(held)
         try:
             yield held
         finally:
-            await self.stop_renewing(held, renewer)
+            await renewal.stop()
             await self.release(held)
+
+
+class Renewal:
+    """Renews a held lock every quarter of its lifetime until stopped, or until the lock is
+    lost. A timer waits between renewals and a task runs only for a renewal itself: a task per
+    hold, started and then cancelled, was a measurable part of a refresh's CPU."""
+
+    def __init__(self, locks: GrantLocks, held: HeldLock) -> None:
+        self._locks = locks
+        self._held = held
+        self._loop = asyncio.get_running_loop()
+        self._warned = False
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(locks.ttl / 4, self._due)
+
+    @property
+    def active(self) -> bool:
+        """A renewal is waiting for its time or under way."""
+        return self._timer is not None or (self._task is not None and not self._task.done())
+
+    def _due(self) -> None:
+        self._timer = None
+        if not (self._held.lost or self._held.finished):
+            self._task = self._loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        held, ttl = self._held, self._locks.ttl
+        held_for = time.monotonic() - held.acquired_at
+        if held_for > ttl and not self._warned:
+            self._warned = True  # a hold longer than a whole lock_ttl: something is stuck
+            log.error(
+                "lock.held_long",
+                provider=held.provider,
+                user_id=held.user_id,
+                stage=held.stage,
+                held_for=round(held_for, 1),
+            )
+        try:
+            if not await self._locks.renew(held):
+                return
+            delay = ttl / 4
+        except StoreUnavailable:
+            log.warning("lock.renew_failed", provider=held.provider, user_id=held.user_id)
+            delay = min(RENEW_RETRY, ttl / 4)
+        if not (held.lost or held.finished):
+            self._timer = self._loop.call_later(delay, self._due)
+
+    async def stop(self) -> None:
+        """The flag, not only the cancellation, ends the renewals: on Python 3.11 a
+        cancellation that races a timeout inside redis-py can be swallowed
+        (``asyncio.wait_for``), and a renewal that survived it must not arm the next one."""
+        self._held.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

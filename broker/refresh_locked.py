@@ -149,7 +149,7 @@ class LockedRefresh:
             raise
         if held is None:
             return await self._read(provider, user_id)  # another holder stored what we need
-        renewer = asyncio.create_task(self.locks.keep_renewed(held))
+        renewal = self.locks.renewing(held)
         try:
             # Re-read under the lock (another replica may have refreshed already): read by
             # the very script that took it.
@@ -164,7 +164,7 @@ class LockedRefresh:
                     return grant
                 raise
         finally:
-            await self.locks.stop_renewing(held, renewer)
+            await renewal.stop()
             await self.locks.release(held)
 
     async def _refresh_locked(

@@ -188,7 +188,7 @@ async def test_a_renewer_stops_even_when_a_redis_call_swallows_its_cancellation(
         return True
 
     locks.renew = swallowing_renew  # type: ignore[method-assign,assignment]
-    renewer = asyncio.create_task(locks.keep_renewed(held))
+    renewal = locks.renewing(held)
     await asyncio.wait_for(renewing.wait(), 2)
-    await asyncio.wait_for(locks.stop_renewing(held, renewer), 1)
-    assert renewer.done()
+    await asyncio.wait_for(renewal.stop(), 1)
+    assert not renewal.active  # no renewal under way, none armed
