@@ -297,8 +297,10 @@ class Scheduler:
 
 class LeaseKeeper:
     """Renews a claim every third of its length while its refresh runs, and knows the score
-    it holds. ``stop`` ends it by a flag as well as by cancellation (a cancellation racing a
-    timeout inside redis-py can be swallowed on Python 3.11)."""
+    it holds. A timer waits between renewals and a task runs only for a renewal itself (a
+    task per refresh, started and cancelled, was a measurable part of its CPU). ``stop`` ends
+    it by a flag as well as by cancellation (a cancellation racing a timeout inside redis-py
+    can be swallowed on Python 3.11)."""
 
     def __init__(
         self,
@@ -316,27 +318,37 @@ class LeaseKeeper:
         self._length = length
         self._clock = clock
         self._stopped = False
-        self._task = asyncio.create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(length / 3, self._due)
 
-    async def _run(self) -> None:
-        while not self._stopped:
-            await asyncio.sleep(self._length / 3)
-            if self._stopped:
-                return
-            renewed = self._clock() + self._length
-            try:
-                moved = await self._schedule.move_lease(
-                    self._provider, self._user_id, self.score, renewed
-                )
-            except StoreUnavailable:
-                continue
+    def _due(self) -> None:
+        self._timer = None
+        if not self._stopped:
+            self._task = self._loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        renewed = self._clock() + self._length
+        try:
+            moved = await self._schedule.move_lease(
+                self._provider, self._user_id, self.score, renewed
+            )
+        except StoreUnavailable:
+            pass  # whether it moved is unknown: try again in a third of the length
+        else:
             if not moved:
                 return  # rescheduled by a write: nothing left to hold
             self.score = renewed
+        if not self._stopped:
+            self._timer = self._loop.call_later(self._length / 3, self._due)
 
     async def stop(self) -> float:
         """Stop renewing; the score held now."""
         self._stopped = True
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         return self.score

@@ -295,3 +295,38 @@ async def test_refresh_tokens_near_their_maximum_age_are_surfaced(
         return bool(status == 200 and scheduler["ok"] is True and scheduler["lag_seconds"] < 5)
 
     await eventually(ready_and_on_time, "readiness with a scheduler on time", within=10)
+
+
+async def test_a_claim_is_renewed_while_its_refresh_runs_and_left_alone_once_stopped(
+    make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """A refresh longer than its lease keeps the claim (no other replica takes the grant
+    meanwhile); a write that rescheduled the grant ends the renewals; a stopped keeper moves
+    nothing any more."""
+    from broker.keys import member
+    from broker.scheduler import LeaseKeeper
+
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
+    schedule = broker.app[STORE].schedule
+    key, m = schedule.keys.schedule_of("dev", member("u")), member("u")
+    redis = broker.app[STORE].redis
+    lease = time.time() + 0.3
+    await redis.zadd(key, {m: lease})
+    keeper = LeaseKeeper(schedule, "dev", "u", lease, 0.3, time.time)
+
+    async def renewed_twice() -> bool:
+        score = await redis.zscore(key, m)
+        return bool(score is not None and score > lease + 0.15 and keeper.score == score)
+
+    await eventually(renewed_twice, "the lease to be renewed", within=5)
+    assert (await redis.zscore(key, m) or 0.0) > time.time()  # never let lapse meanwhile
+    await redis.zadd(key, {m: 12345.0})  # a write rescheduled it: that write wins
+    await asyncio.sleep(0.3)  # a renewal falls due within it
+    assert await redis.zscore(key, m) == 12345.0
+    held = await keeper.stop()
+    assert held == keeper.score
+
+    stopped = LeaseKeeper(schedule, "dev", "u", 12345.0, 0.3, time.time)
+    assert await stopped.stop() == 12345.0
+    await asyncio.sleep(0.3)  # when its first renewal would have been due
+    assert await redis.zscore(key, m) == 12345.0
