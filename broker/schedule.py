@@ -39,16 +39,29 @@ class ScheduleIndex:
         self._claim = redis.register_script(script("claim_due.lua"))
         self._move_lease = redis.register_script(script("move_lease.lua"))
 
+    def index_args(self, grant: Grant) -> tuple[list[str], list[str]]:
+        """Keys and arguments of a grant's index entries for ``fenced_write.lua``, which updates
+        them in the write's own step where one script may name them all (not on a Redis
+        Cluster): the member, its schedule score and its refresh-token expiry ('' = none)."""
+        m, p = member(grant.user_id), grant.provider
+        keys = [
+            self.keys.schedule_of(p, m),
+            self.keys.state_key(p, "refresh_failing"),
+            self.keys.state_key(p, "reauth_required"),
+            self.keys.rt_expiry_key(p),
+        ]
+        score = _schedule_score(grant)
+        rt = grant.refresh_token_expires_at if grant.state != "reauth_required" else None
+        return keys, [m, "" if score is None else repr(score), "" if rt is None else repr(rt)]
+
     async def index(self, grant: Grant) -> None:
-        """Schedule and state indexes after a write; best effort (the reconciler heals them)."""
+        """Schedule and state indexes after a write, where the write could not update them in
+        its own step (a Redis Cluster); best effort (the reconciler heals them)."""
         m, p = member(grant.user_id), grant.provider
         commands: list[tuple[Any, ...]] = []
-        if grant.state != "reauth_required" and grant.next_refresh_at is not None:
-            commands.append(("ZADD", self.keys.schedule_of(p, m), grant.next_refresh_at, m))
-        elif grant.state == "active" and not grant.refreshable:
-            # An access token alone without expiry: never due, but held here so the schedule's
-            # size still counts every active grant (``broker_grants``).
-            commands.append(("ZADD", self.keys.schedule_of(p, m), math.inf, m))
+        score = _schedule_score(grant)
+        if score is not None:
+            commands.append(("ZADD", self.keys.schedule_of(p, m), score, m))
         else:
             commands.append(("ZREM", self.keys.schedule_of(p, m), m))
         for state in ("refresh_failing", "reauth_required"):
@@ -157,3 +170,14 @@ class ScheduleIndex:
             "reauth_required": reauth,
             "refresh_token_expiring": rt_expiring,
         }
+
+
+def _schedule_score(grant: Grant) -> float | None:
+    """A grant's score in its provider's schedule; None: not scheduled."""
+    if grant.state != "reauth_required" and grant.next_refresh_at is not None:
+        return grant.next_refresh_at
+    if grant.state == "active" and not grant.refreshable:
+        # An access token alone without expiry: never due, but held here so the schedule's
+        # size still counts every active grant (``broker_grants``).
+        return math.inf
+    return None

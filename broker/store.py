@@ -190,8 +190,9 @@ class GrantStore:
         self.events_max_len = events_max_len
         self._fenced_write = redis.register_script(script("fenced_write.lua"))
         self._delete = redis.register_script(script("delete_grant.lua"))
-        # One script may only name keys of one Redis Cluster slot; the stream is in another.
-        self._atomic_events = not isinstance(redis, RedisCluster)
+        # Whether one script may name every key a write touches: on a Redis Cluster only keys
+        # of one slot, and the event stream and the indexes are in others.
+        self._one_script = not isinstance(redis, RedisCluster)
         self.batch = schedule.batch
         self._reads = ReadBatcher(self.batch, ("v", "blob"))
         self._cache_hits = self._metrics.grant_cache_lookups.labels("hit")
@@ -324,6 +325,10 @@ class GrantStore:
             "" if grant.refresh_token_expires_at is None else repr(grant.refresh_token_expires_at),
             lock_token if lock_token is not None and self.unlocks_on_write else "",
         ]
+        if self._one_script:  # the indexes in the write's own step
+            index_keys, index_args = self.schedule.index_args(grant)
+            keys += index_keys
+            args += index_args
         acked: int | None = None
         # Dropped before (a read racing the write must not be served after it) and after.
         self.cache.invalidate(grant_key)
@@ -340,7 +345,7 @@ class GrantStore:
             return False
         if code == 2:
             log.info("store.write_recognised", provider=grant.provider, user_id=grant.user_id)
-        elif written[1] and not self._atomic_events:
+        elif written[1] and not self._one_script:
             await self._append_event(written[1], grant.provider, written[2])
         if acked is not None and int(acked) < self._min_replicas:
             self._metrics.replication_unconfirmed.inc()
@@ -350,7 +355,8 @@ class GrantStore:
                 user_id=grant.user_id,
                 replicas=int(acked),
             )
-        await self.schedule.index(grant)
+        if not self._one_script:
+            await self.schedule.index(grant)
         return True
 
     async def delete(self, provider: str, user_id: str) -> bool:
@@ -369,7 +375,7 @@ class GrantStore:
             await pipe.execute()
         if not int(removed[0]):
             return False
-        if not self._atomic_events:
+        if not self._one_script:
             await self._append_event(b"grant.deleted", provider, removed[1])
         return True
 
@@ -388,7 +394,7 @@ class GrantStore:
             self.cache.invalidate(grant_key)
 
     def _event_keys(self, grant_key: str) -> list[str]:
-        return [grant_key, self.keys.events_key()] if self._atomic_events else [grant_key]
+        return [grant_key, self.keys.events_key()] if self._one_script else [grant_key]
 
     async def _append_event(self, event_type: bytes, provider: str, body: bytes) -> None:
         """The Redis Cluster fallback: the event right after its grant write, before the caller

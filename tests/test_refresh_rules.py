@@ -470,6 +470,53 @@ async def test_a_lost_refresh_token_expiry_entry_is_put_back(
     assert metric(broker, "broker_index_repairs_total", **labels) == 2
 
 
+async def test_a_write_updates_its_indexes_in_its_own_step_as_the_cluster_path_would(
+    make_broker: BrokerFactory, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """Off a Redis Cluster the write script updates the grant's schedule, state and expiry
+    entries itself (nothing to lose between the write and its indexes); the entries are those
+    the Cluster path's ``ScheduleIndex.index`` writes, for every kind of grant; a write that
+    does not land touches none."""
+    from broker.models import Grant
+
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
+    store: GrantStore = broker.app[STORE]
+    keys, redis = store.keys, store.redis
+
+    async def entries(user_id: str) -> tuple[object, ...]:
+        m = member(user_id)
+        return (
+            await redis.zscore(keys.schedule_of("dev", m), m),
+            await redis.sismember(keys.state_key("dev", "refresh_failing"), m),
+            await redis.sismember(keys.state_key("dev", "reauth_required"), m),
+            await redis.zscore(keys.rt_expiry_key("dev"), m),
+        )
+
+    base = Grant(provider="dev", user_id="", refresh_token="rt", version=1)
+    shapes = {
+        "active": replace(base, next_refresh_at=1000.5, refresh_token_expires_at=9000.25),
+        "failing": replace(base, state="refresh_failing", next_refresh_at=2000.0),
+        "reauth": replace(
+            base, state="reauth_required", next_refresh_at=3000.0, refresh_token_expires_at=9.0
+        ),
+        "access_only": replace(base, refresh_token=None, access_token="at"),
+    }
+    for name, shape in shapes.items():
+        assert await store.write(replace(shape, user_id=f"w-{name}"), 0)
+        await store.schedule.index(replace(shape, user_id=f"i-{name}"))
+        assert await entries(f"w-{name}") == await entries(f"i-{name}"), name
+    assert await entries("w-active") == (1000.5, False, False, 9000.25)
+    assert await entries("w-failing") == (2000.0, True, False, None)
+    assert await entries("w-reauth") == (None, False, True, None)
+    assert (await entries("w-access_only"))[0] == float("inf")
+
+    moved = replace(shapes["failing"], user_id="w-active", version=2)
+    assert not await store.write(moved, 0)  # a stale version: the fence holds
+    assert await entries("w-active") == (1000.5, False, False, 9000.25)
+    assert await store.write(moved, 1)
+    assert await entries("w-active") == (2000.0, True, False, None)
+
+
 async def test_a_rotated_write_goes_on_through_an_outage_at_shutdown(
     make_broker: BrokerFactory, provider: DevProvider, redis_server: RedisServer, key_prefix: str
 ) -> None:
