@@ -43,12 +43,13 @@ from broker.pending import PendingAuthorizations
 from broker.policy import RefreshPolicy
 from broker.providers import ProviderRegistry
 from broker.ratelimit import RateLimiter
+from broker.redis_client import Guard, close, connect
 from broker.refresh import Refresher
 from broker.refresh_locked import LockedRefresh
 from broker.reload import Reloader
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
-from broker.store import GrantStore, Guard, close, connect
+from broker.store import GrantStore
 from broker.tls import client_context
 from broker.webhooks.delivery import WebhookService
 from broker.webhooks.expiring import ExpiryWatch

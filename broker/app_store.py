@@ -33,7 +33,7 @@ from broker.errors import GrantUnreadable, InvalidRequest, StoreUnavailable
 from broker.keys import Keys
 from broker.metrics import Metrics
 from broker.models import GrantState, TokenSet
-from broker.store import Guard, script
+from broker.redis_client import Guard, script
 
 log = structlog.get_logger(__name__)
 

@@ -30,7 +30,7 @@ from broker.errors import StoreUnavailable
 from broker.keys import Keys
 from broker.metrics import Metrics
 from broker.records import KINDS, primaries, read_headers, scan
-from broker.store import Guard, script
+from broker.redis_client import Guard, script
 
 log = structlog.get_logger(__name__)
 

@@ -15,8 +15,9 @@ from broker.keys import Keys
 from broker.listing import MAX_LIMIT, GrantListing
 from broker.metrics import Metrics
 from broker.models import Grant, GrantState
+from broker.redis_client import Guard, connect
 from broker.schedule import ScheduleIndex
-from broker.store import GrantStore, Guard, connect
+from broker.store import GrantStore
 
 HEADER = ("STATE", "ACCESS EXPIRES AT", "NEXT REFRESH AT", "FAILURES", "USER ID")
 ROW = "{:<16} {:<20} {:<20} {:>8}  {}"

@@ -23,7 +23,7 @@ import structlog
 from broker.errors import StoreUnavailable
 from broker.keys import Keys
 from broker.records import primaries, scan
-from broker.store import Guard
+from broker.redis_client import Guard
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,8 @@ from typing import Any
 import structlog
 
 from broker.errors import StoreUnavailable, UpstreamUnavailable
-from broker.store import GrantStore, script
+from broker.redis_client import script
+from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
 

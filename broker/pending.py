@@ -7,7 +7,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from broker.keys import Keys
-from broker.store import Guard, script
+from broker.redis_client import Guard, script
 
 
 class PendingAuthorizations:

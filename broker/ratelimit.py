@@ -29,7 +29,7 @@ from broker.config import ClientSettings
 from broker.errors import RateLimited
 from broker.keys import Keys
 from broker.metrics import Metrics
-from broker.store import script
+from broker.redis_client import script
 
 log = structlog.get_logger(__name__)
 

@@ -1,12 +1,14 @@
 """Finding grants the indexes lost: every grant on the schedule, every state set and the
 refresh-token expiry index right.
 
-The indexes are updated after each grant write with single-key commands (no cross-slot
+On one server (or Sentinel) the write script updates the indexes in the write's own step. On a
+Redis Cluster they are updated after each grant write with single-key commands (no cross-slot
 transaction), so a Redis error or a crash between the two can leave a grant off the schedule:
-nothing would refresh it until a caller asks. The reconciler walks the grant keys with SCAN, a
-bounded batch per step, compares each grant's ``due``, ``st`` and ``rx`` fields (written with the
-record, in clear) with the schedule, the state sets and the expiry index, and repairs what
-differs. A step costs the same whatever the number of grants; a full pass takes
+nothing would refresh it until a caller asks. Anywhere, entries can be lost without a write
+(a hand edit, a failover that lost the last writes). The reconciler walks the grant keys with
+SCAN, a bounded batch per step, compares each grant's ``due``, ``st`` and ``rx`` fields (written
+with the record, in clear) with the schedule, the state sets and the expiry index, and repairs
+what differs. A step costs the same whatever the number of grants; a full pass takes
 ``grants / reconcile_batch`` steps.
 
 On one server (or Sentinel) a script checks and repairs a whole batch at one instant
@@ -25,7 +27,8 @@ from redis.asyncio.cluster import RedisCluster
 from broker.errors import GrantUnreadable
 from broker.keys import user_id_of
 from broker.metrics import Metrics
-from broker.store import GrantStore, script
+from broker.redis_client import script
+from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
 

@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from broker.crypto import app_token_aad, authorization_aad, grant_aad
 from broker.keys import Keys, member, user_id_of
-from broker.store import script
+from broker.redis_client import script
 
 __all__ = ["KINDS", "Node", "RecordKind", "primaries", "read_blobs", "read_headers", "scan"]
 

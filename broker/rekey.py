@@ -30,7 +30,7 @@ from broker.crypto import KeyRing, record_key_id
 from broker.errors import GrantUnreadable
 from broker.keys import Keys, user_id_of
 from broker.records import KINDS, Node, RecordKind, primaries, read_blobs, scan
-from broker.store import script
+from broker.redis_client import script
 
 security = structlog.get_logger("broker.security")
 

@@ -29,8 +29,8 @@ from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.key_roster import encrypting
 from broker.keys import Keys
+from broker.redis_client import close, connect
 from broker.rekey import Rekeyer, RekeyReport
-from broker.store import close, connect
 
 OK, REMAINING, CONFIG, UNREADABLE, BEHIND, INTERRUPTED = 0, 1, 2, 3, 4, 130
 PLAIN_EVERY = 2.0  # seconds between two plain progress lines

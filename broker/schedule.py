@@ -20,7 +20,7 @@ from broker.errors import StoreUnavailable
 from broker.keys import Keys, member, user_id_of
 from broker.metrics import Metrics
 from broker.models import Grant
-from broker.store import Guard, script
+from broker.redis_client import Guard, script
 
 log = structlog.get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""The Redis connection, key names, and encrypted grant records with fenced writes.
+"""Encrypted grant records with fenced writes.
 
 Keys of one grant share a hash tag, ``{prefix}:{<provider>:<base64url(user id)>}:grant``, so
 multi-key scripts stay within one Redis Cluster slot. base64url without padding is injective and
@@ -20,7 +20,7 @@ after the script instead (ordered, not atomic: a process killed between the two 
 
 Key names are in ``broker/keys.py``. The indexes a write updates live in
 ``broker/schedule.py``, locks in ``broker/locks.py``, pending authorizations in
-``broker/pending.py``; all share one client, ``Keys`` and ``Guard``.
+``broker/pending.py``; all share one client (``broker/redis_client.py``), ``Keys`` and ``Guard``.
 """
 
 from __future__ import annotations
@@ -30,35 +30,20 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.cluster import RedisCluster
 
 from broker import grant_record
 from broker.batching import ReadBatcher
-from broker.config import (
-    CLUSTER_SCHEME,
-    SENTINEL_SCHEME,
-    Settings,
-    cluster_nodes,
-    sentinel_target,
-)
 from broker.crypto import KeyRing, grant_aad, record_key_id
 from broker.errors import GrantUnreadable, StoreUnavailable
 from broker.grant_cache import GrantCache
 from broker.keys import Keys, member
-from broker.metrics import Metrics
 from broker.models import Grant, iso_ms
+from broker.redis_client import Guard, script
 
 if TYPE_CHECKING:
     from broker.schedule import ScheduleIndex
@@ -66,93 +51,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 security = structlog.get_logger("broker.security")
 
-REDIS_RETRIES = 2
 INCARNATION_BITS = 32
-REDIS_HEALTH_CHECK_INTERVAL = 15
-
-
-def connect(settings: Settings) -> aioredis.Redis:
-    """A Redis client for the configured URL; ``memory://`` is an embedded, non-durable one."""
-    if settings.is_memory_store:
-        import fakeredis  # the dev default only: never the production path
-
-        client: aioredis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        return client
-    common: dict[str, Any] = {
-        "socket_timeout": settings.redis_timeout,
-        "socket_connect_timeout": settings.redis_timeout,
-        "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
-    }
-    scheme = urlsplit(settings.redis_url).scheme
-    if scheme == CLUSTER_SCHEME:
-        nodes, password = cluster_nodes(settings.redis_url)
-        cluster = RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
-            password=password,
-            max_connections=settings.redis_max_connections,
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout,
-        )
-        # Every command and script here names keys of one slot (a grant's keys share a hash
-        # tag; schedule shards are single keys), so the cluster client serves them as is.
-        return cast(aioredis.Redis, cluster)
-    if scheme == SENTINEL_SCHEME:
-        # The sentinels name the primary; the pool asks them again after a failover.
-        target = sentinel_target(settings.redis_url)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(target.sentinels),
-            sentinel_kwargs={"socket_timeout": settings.redis_timeout},
-            **common,
-        )
-        master: aioredis.Redis = sentinel.master_for(
-            target.service,
-            db=target.db,
-            password=target.password,
-            max_connections=settings.redis_max_connections,
-        )
-        return master
-    # A bounded pool where a burst waits (up to redis_timeout) for a connection instead of
-    # failing: redis-py's plain pool raises MaxConnectionsError at its limit.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout,
-        **common,
-    )
-    return aioredis.Redis.from_pool(pool)
-
-
-async def close(redis: aioredis.Redis) -> None:
-    """Close a client from ``connect``, and behind Sentinel the sentinels' own connections too
-    (closing the primary's client leaves those open)."""
-    await redis.aclose()
-    manager = getattr(getattr(redis, "connection_pool", None), "sentinel_manager", None)
-    for sentinel in getattr(manager, "sentinels", ()):
-        await sentinel.aclose()
-
-
-def script(name: str) -> str:
-    return resources.files("broker").joinpath("lua", name).read_text(encoding="utf-8")
-
-
-class Guard:
-    """Turns any Redis failure into StoreUnavailable (503 with Retry-After), counted."""
-
-    def __init__(self, metrics: Metrics, retry_after: int = 2) -> None:
-        self.metrics = metrics
-        self._retry_after = retry_after
-
-    @contextmanager
-    def __call__(self, operation: str) -> Iterator[None]:
-        try:
-            yield
-        except (RedisError, RedisClusterException) as err:
-            self.metrics.redis_errors.labels(operation).inc()
-            raise StoreUnavailable(
-                f"Redis {operation} failed: {type(err).__name__}", retry_after=self._retry_after
-            ) from err
 
 
 class GrantStore:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from broker.keys import Keys
-from broker.store import Guard, script
+from broker.redis_client import Guard, script
 
 PENDING_PAGE = 100  # pending entries looked at per turn, oldest first
 CONSUMER_GONE_AFTER = 3600.0  # seconds unseen after which a consumer holding nothing is deleted
