@@ -157,8 +157,13 @@ class Scheduler:
             self.last_tick = time.monotonic()
             self.ticks += 1
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._policy.tick)
+            # The tick as a timer on the event, not ``wait_for``: that is a task per wait, and
+            # under load the loop wakes for every finished refresh.
+            tick = asyncio.get_running_loop().call_later(self._policy.tick, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                tick.cancel()
 
     async def _claim_and_start(self) -> None:
         for provider in self._providers:
