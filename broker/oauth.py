@@ -273,15 +273,18 @@ class OAuthClient:
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, read chunk by chunk; ProviderUnavailable as soon as it exceeds ``limit``
     bytes (a declared Content-Length over it is refused before reading anything)."""
-    too_large = ProviderUnavailable("response_too_large", f"HTTP {response.status}")
     if response.content_length is not None and response.content_length > limit:
-        raise too_large
+        raise _too_large(response)
     body = bytearray()
     async for chunk in response.content.iter_chunked(16 * 1024):
         body += chunk
         if len(body) > limit:
-            raise too_large
+            raise _too_large(response)
     return bytes(body)
+
+
+def _too_large(response: aiohttp.ClientResponse) -> ProviderUnavailable:
+    return ProviderUnavailable("response_too_large", f"HTTP {response.status}")
 
 
 async def discover_all(
