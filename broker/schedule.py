@@ -2,9 +2,10 @@
 
 Per provider, a sorted set (or ``schedule_shards`` of them, for a Redis Cluster) schedules
 refreshes by due time, members being base64url user ids; claims move an entry to a lease score.
-Two sets index grants by state, and a sorted set tracks refresh-token expiry. They are updated
-right after each grant write with single-key commands (no cross-slot transaction); a lost
-update is found by the reconciler (``broker/reconcile.py``).
+Two sets index grants by state, and a sorted set tracks refresh-token expiry. The write script
+updates them in the write's own step; on a Redis Cluster, where they are in other slots, right
+after each grant write with single-key commands (no cross-slot transaction), and a lost update
+is found by the reconciler (``broker/reconcile.py``).
 """
 
 from __future__ import annotations
@@ -57,20 +58,14 @@ class ScheduleIndex:
     async def index(self, grant: Grant) -> None:
         """Schedule and state indexes after a write, where the write could not update them in
         its own step (a Redis Cluster); best effort (the reconciler heals them)."""
-        m, p = member(grant.user_id), grant.provider
-        commands: list[tuple[Any, ...]] = []
-        score = _schedule_score(grant)
-        if score is not None:
-            commands.append(("ZADD", self.keys.schedule_of(p, m), score, m))
-        else:
-            commands.append(("ZREM", self.keys.schedule_of(p, m), m))
-        for state in ("refresh_failing", "reauth_required"):
-            verb = "SADD" if grant.state == state else "SREM"
-            commands.append((verb, self.keys.state_key(p, state), m))
-        if grant.refresh_token_expires_at is not None and grant.state != "reauth_required":
-            commands.append(("ZADD", self.keys.rt_expiry_key(p), grant.refresh_token_expires_at, m))
-        else:
-            commands.append(("ZREM", self.keys.rt_expiry_key(p), m))
+        keys, (m, score, rt) = self.index_args(grant)  # the entries the write script sets
+        schedule, failing, reauth, expiry = keys
+        commands: list[tuple[Any, ...]] = [
+            ("ZADD", schedule, score, m) if score else ("ZREM", schedule, m),
+            ("SADD" if grant.state == "refresh_failing" else "SREM", failing, m),
+            ("SADD" if grant.state == "reauth_required" else "SREM", reauth, m),
+            ("ZADD", expiry, rt, m) if rt else ("ZREM", expiry, m),
+        ]
         try:
             with self.guard("index"):
                 # Batched with other callers' commands of this loop turn (broker/batching.py).
@@ -78,7 +73,7 @@ class ScheduleIndex:
                     if isinstance(reply, BaseException):
                         raise reply
         except StoreUnavailable:
-            log.warning("store.index_failed", provider=p, user_id=grant.user_id)
+            log.warning("store.index_failed", provider=grant.provider, user_id=grant.user_id)
 
     def unindex(self, pipe: Any, provider: str, m: str) -> None:
         """Queue the removal of a deleted grant's index entries on ``pipe``."""
