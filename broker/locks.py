@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from broker.errors import StoreUnavailable, UpstreamUnavailable
+from broker.rearm import Rearming
 from broker.redis_client import script
 from broker.store import GrantStore
 
@@ -243,29 +244,23 @@ class GrantLocks:
 
 class Renewal:
     """Renews a held lock every quarter of its lifetime until stopped, or until the lock is
-    lost. A timer waits between renewals and a task runs only for a renewal itself: a task per
-    hold, started and then cancelled, was a measurable part of a refresh's CPU."""
+    lost (``broker/rearm.py``: a timer between renewals, a task only for a renewal)."""
 
     def __init__(self, locks: GrantLocks, held: HeldLock) -> None:
         self._locks = locks
         self._held = held
-        self._loop = asyncio.get_running_loop()
         self._warned = False
-        self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(locks.ttl / 4, self._due)
+        self._rearming = Rearming(locks.ttl / 4, self._renew)
 
     @property
     def active(self) -> bool:
-        """A renewal is waiting for its time or under way."""
-        return self._timer is not None or (self._task is not None and not self._task.done())
+        return self._rearming.active
 
-    def _due(self) -> None:
-        self._timer = None
-        if not (self._held.lost or self._held.finished):
-            self._task = self._loop.create_task(self._renew())
-
-    async def _renew(self) -> None:
+    async def _renew(self) -> float | None:
+        """The delay to the next renewal; None: no more."""
         held, ttl = self._held, self._locks.ttl
+        if held.lost or held.finished:
+            return None
         held_for = time.monotonic() - held.acquired_at
         if held_for > ttl and not self._warned:
             self._warned = True  # a hold longer than a whole lock_ttl: something is stuck
@@ -278,22 +273,12 @@ class Renewal:
             )
         try:
             if not await self._locks.renew(held):
-                return
-            delay = ttl / 4
+                return None
         except StoreUnavailable:
             log.warning("lock.renew_failed", provider=held.provider, user_id=held.user_id)
-            delay = min(RENEW_RETRY, ttl / 4)
-        if not (held.lost or held.finished):
-            self._timer = self._loop.call_later(delay, self._due)
+            return min(RENEW_RETRY, ttl / 4)
+        return None if held.lost or held.finished else ttl / 4
 
     async def stop(self) -> None:
-        """The flag, not only the cancellation, ends the renewals: on Python 3.11 a
-        cancellation that races a timeout inside redis-py can be swallowed
-        (``asyncio.wait_for``), and a renewal that survived it must not arm the next one."""
         self._held.finished = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._rearming.stop()

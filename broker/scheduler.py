@@ -40,6 +40,7 @@ from broker.errors import (
 from broker.locks import LockBusy
 from broker.metrics import Metrics
 from broker.providers import ProviderRegistry
+from broker.rearm import Rearming
 from broker.reconcile import IndexReconciler
 from broker.refresh import Refresher
 from broker.schedule import ScheduleIndex
@@ -302,10 +303,7 @@ class Scheduler:
 
 class LeaseKeeper:
     """Renews a claim every third of its length while its refresh runs, and knows the score
-    it holds. A timer waits between renewals and a task runs only for a renewal itself (a
-    task per refresh, started and cancelled, was a measurable part of its CPU). ``stop`` ends
-    it by a flag as well as by cancellation (a cancellation racing a timeout inside redis-py
-    can be swallowed on Python 3.11)."""
+    it holds (``broker/rearm.py``: a timer between renewals, a task only for a renewal)."""
 
     def __init__(
         self,
@@ -322,38 +320,23 @@ class LeaseKeeper:
         self.score = score
         self._length = length
         self._clock = clock
-        self._stopped = False
-        self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(length / 3, self._due)
+        self._rearming = Rearming(length / 3, self._renew)
 
-    def _due(self) -> None:
-        self._timer = None
-        if not self._stopped:
-            self._task = self._loop.create_task(self._renew())
-
-    async def _renew(self) -> None:
+    async def _renew(self) -> float | None:
+        """The delay to the next renewal; None: no more."""
         renewed = self._clock() + self._length
         try:
             moved = await self._schedule.move_lease(
                 self._provider, self._user_id, self.score, renewed
             )
         except StoreUnavailable:
-            pass  # whether it moved is unknown: try again in a third of the length
-        else:
-            if not moved:
-                return  # rescheduled by a write: nothing left to hold
-            self.score = renewed
-        if not self._stopped:
-            self._timer = self._loop.call_later(self._length / 3, self._due)
+            return self._length / 3  # whether it moved is unknown: try again
+        if not moved:
+            return None  # rescheduled by a write: nothing left to hold
+        self.score = renewed
+        return self._length / 3
 
     async def stop(self) -> float:
         """Stop renewing; the score held now."""
-        self._stopped = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._rearming.stop()
         return self.score
