@@ -28,6 +28,7 @@ from broker.app_store import AppTokenStore
 from broker.apptokens import AppTokenService
 from broker.auth import Authenticator
 from broker.authorize import AuthorizationService
+from broker.cached_reads import CachedReads
 from broker.census import KeyCensus
 from broker.config import Settings
 from broker.crypto import KeyRing
@@ -78,6 +79,7 @@ class DrainBudget:
 DRAIN = web.AppKey("drain", DrainBudget)
 PENDING = web.AppKey("pending", PendingAuthorizations)
 GRANT_CHANGES = web.AppKey("grant_changes", GrantChanges)
+READS = web.AppKey("reads", CachedReads)
 
 
 def create_app(
@@ -147,6 +149,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         record_format=settings.record_format,
         events_max_len=settings.events_max_len,
     )
+    app[READS] = CachedReads(app[api.STORE], app[api.METRICS])
     app[PENDING] = PendingAuthorizations(redis, keys, guard)
     app[RATE_LIMITER] = RateLimiter(
         redis, keys, app[api.METRICS], timeout=settings.rate_limit_timeout
@@ -169,7 +172,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     yield
     if changes is not None:
         await changes.stop()
-    await app[api.STORE].settle()
+    await app[READS].settle()
     await close(redis)  # behind Sentinel, the sentinels' connections too
 
 
@@ -221,6 +224,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     refresher = Refresher(
         store,
         LockedRefresh(store, locks, oauth, providers, app[api.METRICS], policy, app[CLOCK]),
+        app[READS],
     )
     app[api.REFRESHER] = refresher
     app[api.GRANTS] = GrantService(

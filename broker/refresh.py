@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from broker.cached_reads import CachedReads
 from broker.errors import UpstreamUnavailable
 from broker.locks import LockBusy
 from broker.models import Grant, holds
@@ -50,8 +51,9 @@ class _Flight:
 class Refresher:
     """Keeps grants' access tokens fresh without ever spending a refresh token twice."""
 
-    def __init__(self, store: GrantStore, run: LockedRefresh) -> None:
+    def __init__(self, store: GrantStore, run: LockedRefresh, reads: CachedReads) -> None:
         self._store = store
+        self._reads = reads
         self._run = run
         # What the other services share with the refresh itself.
         self.locks, self.providers, self.policy = run.locks, run.providers, run.policy
@@ -63,7 +65,7 @@ class Refresher:
         first if needed; a still-valid token is served when the provider cannot refresh, and
         so is the token of a grant that cannot be refreshed at all."""
         self.providers.get(provider)
-        grant = checked(provider, await self._store.read_cached(provider, user_id))
+        grant = checked(provider, await self._reads.read(provider, user_id))
         if not grant.refreshable:
             grant = await self._run.access_only.serve(grant)
             if not grant.refreshable:

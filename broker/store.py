@@ -25,7 +25,6 @@ Key names are in ``broker/keys.py``. The indexes a write updates live in
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -94,55 +93,12 @@ class GrantStore:
         self._one_script = not isinstance(redis, RedisCluster)
         self.batch = schedule.batch
         self._reads = ReadBatcher(self.batch, ("v", "blob"))
-        self._cache_hits = self._metrics.grant_cache_lookups.labels("hit")
-        self._cache_misses = self._metrics.grant_cache_lookups.labels("miss")
-        self._rereads: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
     async def read(self, provider: str, user_id: str) -> Grant | None:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
         with self.guard("read"):
             version, blob = await self._reads.hmget(self.keys.grant_key(provider, user_id))
         return self.decode_record(provider, user_id, version, blob)
-
-    async def read_cached(self, provider: str, user_id: str) -> Grant | None:
-        """:meth:`read`, or the grant this process read lately and has heard no change of
-        (``broker/grant_cache.py``): for serving tokens, never for a refresh's decisions."""
-        key = self.keys.grant_key(provider, user_id)
-        cache = self.cache
-        grant, renew = cache.lookup(key)
-        if grant is not None:
-            self._cache_hits.inc()
-            if renew:
-                task = asyncio.create_task(self._reread(provider, user_id, key))
-                self._rereads.add(task)
-                task.add_done_callback(self._rereads.discard)
-            return grant
-        grant = await self._read_into_cache(provider, user_id, key)
-        self._cache_misses.inc()
-        return grant
-
-    async def _read_into_cache(self, provider: str, user_id: str, key: str) -> Grant | None:
-        generation = self.cache.generation
-        with self.guard("read"):
-            version, blob = await self._reads.hmget(key)
-        grant = self.decode_record(provider, user_id, version, blob)
-        self.cache.put(key, grant, generation)
-        return grant
-
-    async def _reread(self, provider: str, user_id: str, key: str) -> None:
-        """A cached grant read again before its entry expires. A failure here is left to the
-        request that misses next, which answers it."""
-        try:
-            await self._read_into_cache(provider, user_id, key)
-        except (StoreUnavailable, GrantUnreadable):
-            pass
-        finally:
-            self.cache.renewed(key)
-
-    async def settle(self) -> None:
-        """Wait for background re-reads (each bounded by the Redis timeout) before closing."""
-        if self._rereads:
-            await asyncio.wait(self._rereads)
 
     def decode_record(self, provider: str, user_id: str, version: Any, blob: Any) -> Grant | None:
         """A record's ``v`` and ``blob`` fields as read (None where absent) as a Grant, or None
