@@ -202,7 +202,11 @@ class GrantLocks:
             held.valid_until = sent + self.ttl
             return True
         held.lost = True
-        log.warning("lock.lost", provider=held.provider, user_id=held.user_id)
+        # While the refresh's result is being written, that write may itself have released the
+        # lock (GrantStore.unlocks_on_write): no warning then; a write that did not land says so
+        # itself (refresh.write_conflict, refresh.rotated_write_*).
+        lost = log.info if held.stage == "write" else log.warning
+        lost("lock.lost", provider=held.provider, user_id=held.user_id, stage=held.stage)
         return False
 
     async def ensure(self, held: HeldLock, needed: float) -> None:

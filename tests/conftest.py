@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import json
+import logging
 import os
 import shutil
 import socket
@@ -24,6 +27,7 @@ from urllib.parse import parse_qsl, quote
 import aiohttp
 import pytest
 import redis as syncredis
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
@@ -33,7 +37,7 @@ from broker.app import create_app
 from broker.auth import hash_key, new_api_key
 from broker.config import Settings, build_settings
 from broker.devprovider import DevProvider, DevProviderSettings
-from broker.logs import configure_logging
+from broker.logs import OUTPUT, configure_logging
 from broker.routes import Limits
 from tests.contract import CONTRACTS, check_answers, contract
 from tests.exposure import EXPOSURE, leaked
@@ -435,3 +439,26 @@ async def connect(
     status, started = await start_authorization(broker, user_id, redirect_after, provider, **body)
     assert status == 201, started
     return await follow(browser, started["authorization_url"])
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """Logging configured to a StringIO; the previous set-up is restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    output = vars(OUTPUT).copy()
+    stream = io.StringIO()
+    configure_logging("json", "debug", stream=stream)
+    try:
+        yield stream
+    finally:
+        structlog.contextvars.clear_contextvars()
+        structlog.configure(**config)
+        vars(OUTPUT).update(output)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from dataclasses import replace
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from broker.devprovider import DevProvider
 from broker.keys import member
-from tests.conftest import Broker, BrokerFactory, Clock, RedisServer, encryption_key
+from tests.conftest import Broker, BrokerFactory, Clock, RedisServer, encryption_key, lines
 
 
 def in_flight(broker: Broker) -> float:
@@ -192,3 +193,35 @@ async def test_a_renewer_stops_even_when_a_redis_call_swallows_its_cancellation(
     await asyncio.wait_for(renewing.wait(), 2)
     await asyncio.wait_for(renewal.stop(), 1)
     assert not renewal.active  # no renewal under way, none armed
+
+
+async def test_a_renewal_refused_once_the_write_released_the_lock_is_no_warning(
+    make_broker: BrokerFactory,
+    redis_server: RedisServer,
+    key_prefix: str,
+    log_stream: io.StringIO,
+) -> None:
+    """A renewal that races the write releasing the lock (a refresh held past a quarter of
+    ``lock_ttl``) finds the lock gone: logged at info. Anywhere else a lock found gone is a
+    real loss (a stalled holder): a warning."""
+    from broker.api import STORE
+    from broker.locks import GrantLocks, LockStore
+
+    broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
+    store = broker.app[STORE]
+    locks = GrantLocks(LockStore(store), ttl=5.0, wait_timeout=0.1)
+    stalled = await locks.acquire("dev", "stalled")
+    writing = await locks.acquire("dev", "writing")
+    assert stalled is not None
+    assert writing is not None
+    writing.stage = "write"
+    await store.redis.delete(
+        store.keys.lock_key("dev", "stalled"), store.keys.lock_key("dev", "writing")
+    )
+    assert not await locks.renew(stalled)
+    assert not await locks.renew(writing)
+    assert stalled.lost
+    assert writing.lost
+    lost = [line for line in lines(log_stream) if line["event"] == "lock.lost"]
+    levels = {(line["user_id"], line["level"]) for line in lost}
+    assert levels == {("stalled", "warning"), ("writing", "info")}

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import structlog
 
-from broker.logs import OUTPUT, REDACTED, configure_logging, redact
+from broker.logs import REDACTED, redact
+from tests.conftest import lines
 
 SENSITIVE = {
     "refresh_token": "rt-secret",
@@ -77,29 +75,6 @@ def test_a_line_like_a_harmless_one_is_still_redacted() -> None:
     in_list = redacted({**harmless, "detail": [{"code": "c-1"}]})
     assert in_list["detail"] == [{"code": REDACTED}]
     assert redacted({**harmless, "access_token": "at-secret"})["access_token"] == REDACTED
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """Logging configured to a StringIO; the previous set-up is restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    output = vars(OUTPUT).copy()
-    stream = io.StringIO()
-    configure_logging("json", "debug", stream=stream)
-    try:
-        yield stream
-    finally:
-        structlog.contextvars.clear_contextvars()
-        structlog.configure(**config)
-        vars(OUTPUT).update(output)
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
-def lines(stream: io.StringIO) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 def test_structlog_events_are_written_as_redacted_json(log_stream: io.StringIO) -> None:
