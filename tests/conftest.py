@@ -19,6 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -441,15 +442,15 @@ async def connect(
     return await follow(browser, started["authorization_url"])
 
 
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """Logging configured to a StringIO; the previous set-up is restored afterwards."""
+@contextmanager
+def logs_captured(level: str = "debug") -> Iterator[io.StringIO]:
+    """Logging configured to a StringIO at ``level``; the previous set-up restored after."""
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    handlers, previous = root.handlers[:], root.level
     config = structlog.get_config()
     output = vars(OUTPUT).copy()
     stream = io.StringIO()
-    configure_logging("json", "debug", stream=stream)
+    configure_logging("json", level, stream=stream)
     try:
         yield stream
     finally:
@@ -457,7 +458,13 @@ def log_stream() -> Iterator[io.StringIO]:
         structlog.configure(**config)
         vars(OUTPUT).update(output)
         root.handlers[:] = handlers
-        root.setLevel(level)
+        root.setLevel(previous)
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    with logs_captured() as stream:
+        yield stream
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:

@@ -24,7 +24,16 @@ from broker.logs import OUTPUT, configure_logging
 from broker.metrics import Metrics
 from broker.reload import Reloader
 from tests.clients import api_key, bearer, client
-from tests.conftest import PROVIDER, Broker, BrokerFactory, Landing, connect, free_port, path
+from tests.conftest import (
+    PROVIDER,
+    Broker,
+    BrokerFactory,
+    Landing,
+    connect,
+    free_port,
+    logs_captured,
+    path,
+)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "audit.md"
 SECTION = re.compile(r"^#{2,3} (.*)$", re.MULTILINE)
@@ -306,20 +315,9 @@ def test_a_reload_is_audited_and_a_refused_one_names_the_setting(
 
 
 def test_audit_events_are_written_whatever_the_log_level() -> None:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    output = vars(OUTPUT).copy()
-    stream = io.StringIO()
-    configure_logging("json", "warning", stream=stream)
-    try:
+    with logs_captured("warning") as stream:
         structlog.get_logger("broker.http").info("request")  # below warning: dropped
         audit.record(audit.TOKEN_HANDOUT, client="c", provider="p", user_id="u", outcome="success")
-    finally:
-        structlog.configure(**config)
-        vars(OUTPUT).update(output)
-        root.handlers[:] = handlers
-        root.setLevel(level)
     written = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(r["logger"], r["event"], r["level"]) for r in written] == [
         ("broker.audit", "token.handout", "info")
