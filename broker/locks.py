@@ -144,7 +144,6 @@ class HeldLock:
     token: str
     valid_until: float  # monotonic; the lock is certainly ours until then
     lost: bool = False
-    finished: bool = False  # its holder is done: stop renewing
     released: bool = False  # by the write that stored its refresh's result (GrantStore.write)
     acquired_at: float = field(default_factory=time.monotonic)
     stage: str = "acquired"  # what the holder is doing: told when a hold lasts too long
@@ -263,7 +262,7 @@ class Renewal:
     async def _renew(self) -> float | None:
         """The delay to the next renewal; None: no more."""
         held, ttl = self._held, self._locks.ttl
-        if held.lost or held.finished:
+        if held.lost:
             return None
         held_for = time.monotonic() - held.acquired_at
         if held_for > ttl and not self._warned:
@@ -281,8 +280,7 @@ class Renewal:
         except StoreUnavailable:
             log.warning("lock.renew_failed", provider=held.provider, user_id=held.user_id)
             return min(RENEW_RETRY, ttl / 4)
-        return None if held.lost or held.finished else ttl / 4
+        return ttl / 4
 
     async def stop(self) -> None:
-        self._held.finished = True
         await self._rearming.stop()
