@@ -1,10 +1,11 @@
 """Benchmark the token hot path against an aiohttp hello-world in the same run; prints a table,
 asserts nothing.
 
-Starts a throwaway redis-server, the dev provider, ``broker serve`` and ``bench/hello.py`` as
+Starts a throwaway redis-server, the dev provider, ``broker serve`` and ``bench/hello.py`` (the
+hello-world, and unless ``--no-floor`` the floor of a token request: ``hello.py --shaped``) as
 processes of their own, seeds grants straight into Redis (pipelined, encrypted as broker writes
-them), then runs wrk with ``bench/tokens.lua`` (random seeded users) against the token endpoint
-and the hello-world, alternating, ``--rounds`` times. Needs ``redis-server`` and ``wrk``
+them), then runs wrk with ``bench/tokens.lua`` (random seeded users) against the hello-world,
+the floor and the token endpoint, in turn, ``--rounds`` times. Needs ``redis-server`` and ``wrk``
 (``apt-get install -y redis-server wrk``).
 
     python bench/run.py                          # 20,000 grants, 3 rounds of 10 s
@@ -44,6 +45,7 @@ from broker.logs import configure_logging
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WRK = shutil.which("wrk") or "wrk"
+FLOOR = "floor (no broker work)"
 
 CONFIG = """
 host = "127.0.0.1"
@@ -247,6 +249,12 @@ def main() -> None:
         "--warm-up", type=int, default=2, help="seconds of unmeasured load before each run"
     )
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure bench/hello.py --shaped (a token request without broker's work)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="broker serve --workers N")
     parser.add_argument("--log-level", default="info", help="broker's log_level (default info)")
     parser.add_argument(
@@ -284,7 +292,8 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     encryption_key = new_key()
     api_key = new_api_key()
     provider_port, broker_port, hello_port = free_port(), free_port(), free_port()
-    if len({provider_port, broker_port, hello_port, redis_port}) < 4:
+    floor_port = free_port()
+    if len({provider_port, broker_port, hello_port, floor_port, redis_port}) < 5:
         raise SystemExit("two services drew the same free port: run again")
     client = redis.Redis(port=redis_port)
     used_before = int(client.info("memory")["used_memory"])
@@ -346,6 +355,14 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
     )
     wait_http(f"http://127.0.0.1:{broker_port}/readyz", broker, "broker")
     wait_http(f"http://127.0.0.1:{hello_port}/", hello, "hello-world")
+    floor = None
+    if args.floor:
+        floor = procs.start(
+            [sys.executable, str(HERE / "hello.py"), "--port", str(floor_port), "--shaped"],
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
+        wait_http(f"http://127.0.0.1:{floor_port}/healthz", floor, "floor")
 
     check_token(broker_port, api_key)
     wrk_env = {
@@ -359,10 +376,12 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
         "hello-world": (f"http://127.0.0.1:{hello_port}", hello.pid),
         token_target: (f"http://127.0.0.1:{broker_port}", broker.pid),
     }
+    if floor is not None:
+        targets[FLOOR] = (f"http://127.0.0.1:{floor_port}", floor.pid)
     rows = [
         ["round", "target", "req/s", "p50 ms", "p99 ms", "errors", "CPU s/s", "CPU µs/req", "ratio"]
     ]
-    ratios = []
+    ratios, floor_ratios = [], []
 
     def measured(name: str) -> Load:
         """A run after ``--warm-up`` seconds of the same load: caches as a serving process has
@@ -372,9 +391,12 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
         return wrk(name, *targets[name], wrk_env, args.seconds, args.connections)
 
     for n in range(1, args.rounds + 1):
-        base, tok = measured("hello-world"), measured(token_target)
-        ratios.append(tok.rps / base.rps)
-        for load in (base, tok):
+        base = measured("hello-world")
+        loads = [base, *([measured(FLOOR)] if floor is not None else []), measured(token_target)]
+        ratios.append(loads[-1].rps / base.rps)
+        if floor is not None:
+            floor_ratios.append(loads[1].rps / base.rps)
+        for load in loads:
             rows.append(
                 [
                     str(n),
@@ -402,6 +424,11 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes, redis_port: i
         ["figure", "value"],
         ["ratio to hello-world (per round)", ", ".join(f"{r:.2f}" for r in ratios)],
         ["ratio, median", f"{statistics.median(ratios):.2f}"],
+        *(
+            [["floor's ratio to hello-world, median", f"{statistics.median(floor_ratios):.2f}"]]
+            if floor_ratios
+            else []
+        ),
         ["broker idle CPU", f"{idle * 1000:.1f} ms/s ({args.grants:,} grants, scheduler on)"],
         [
             "grant cache hits",
