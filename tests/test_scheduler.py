@@ -303,8 +303,8 @@ async def test_a_claim_is_renewed_while_its_refresh_runs_and_left_alone_once_sto
     """A refresh longer than its lease keeps the claim (no other replica takes the grant
     meanwhile); a write that rescheduled the grant ends the renewals; a stopped keeper moves
     nothing any more."""
+    from broker.claimed import LeaseKeeper
     from broker.keys import member
-    from broker.scheduler import LeaseKeeper
 
     broker = await make_broker(redis_url=redis_server.url, key_prefix=key_prefix)
     schedule = broker.app[STORE].schedule
