@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from broker.config import Settings
+from broker.models import Grant, TokenSet, refresh_due_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,31 @@ class RefreshPolicy:
         """How long the lock must stay ours when a provider call starts: the call, then the
         write of what it returned."""
         return self.provider_timeout + self.rotated_write_window
+
+    def stamped(
+        self,
+        grant: Grant,
+        tokens: TokenSet,
+        *,
+        refreshed: bool,
+        requested_at: float,
+        max_age: float | None,
+    ) -> Grant:
+        """``grant`` holding ``tokens``, scheduled per the refresh-timing rule, its refresh
+        token's expiry stamped when the provider states a maximum age (``max_age``). Lifetimes
+        count from ``requested_at``, when we asked: the provider's clock started no earlier, so
+        we never believe a token lives longer than the provider does."""
+        now = requested_at
+        due = refresh_due_at(
+            now + tokens.expires_in, tokens.expires_in, lead=self.lead, jitter_max=self.jitter_max
+        )
+        new = grant.with_tokens(tokens, now, next_refresh_at=due, refreshed=refreshed)
+        if not new.refreshable:
+            # Never refreshed: indexed at its stated expiry only, to be marked then.
+            return replace(new, next_refresh_at=new.access_expires_at)
+        if max_age is not None and new.refresh_token_issued_at is not None:
+            new = replace(new, refresh_token_expires_at=new.refresh_token_issued_at + max_age)
+        return new
 
     def retry_delay(self, failures: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter, never sooner than the provider's Retry-After

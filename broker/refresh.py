@@ -193,7 +193,7 @@ class Refresher:
         """Wait (up to ``budget`` s) for refreshes in flight, then for writes of issued
         tokens still retrying: a rotated token must reach the store (shutdown)."""
         deadline = time.monotonic() + budget
-        pending = [f.task for f in self._inflight.values()] + list(self._run.background)
+        pending = [f.task for f in self._inflight.values()] + list(self._run.recovery.background)
         if pending and budget > 0:
             await asyncio.wait(pending, timeout=budget)
         await self.issued.drain(deadline - time.monotonic())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Literal
 
 import structlog
@@ -20,16 +19,16 @@ from broker.errors import (
     ProviderRejected,
     ProviderUnavailable,
     ReauthRequired,
-    StoreUnavailable,
 )
 from broker.failures import Failures
 from broker.issued import IssuedWriter
 from broker.locks import GrantLocks, HeldLock, LockBusy, LockLost
 from broker.metrics import Metrics
-from broker.models import Grant, TokenSet, holds, refresh_due_at
+from broker.models import Grant, TokenSet, holds
 from broker.oauth import OAuthClient
 from broker.policy import RefreshPolicy, fresh_enough
 from broker.providers import ProviderRegistry
+from broker.recovery import Recovery
 from broker.store import GrantStore
 
 log = structlog.get_logger("broker.refresh")
@@ -62,35 +61,17 @@ class LockedRefresh:
         self.issued = IssuedWriter(store, metrics, policy.rotated_write_window)
         self._failures = Failures(store, metrics, policy, clock)
         self.access_only = AccessOnlyGrants(store, clock)
-        self.background: set[asyncio.Task[None]] = set()
+        self.recovery = Recovery(store.schedule, clock)
 
     def with_tokens(
         self, grant: Grant, tokens: TokenSet, *, refreshed: bool, requested_at: float
     ) -> Grant:
-        """``grant`` holding ``tokens``, scheduled per the refresh-timing rule, its refresh
-        token's expiry stamped when the provider states a maximum age. Lifetimes count from
-        ``requested_at``, when we asked: the provider's clock started no earlier, so we never
-        believe a token lives longer than the provider does."""
-        now = requested_at
-        due = refresh_due_at(
-            now + tokens.expires_in,
-            tokens.expires_in,
-            lead=self.policy.lead,
-            jitter_max=self.policy.jitter_max,
-        )
-        new = grant.with_tokens(tokens, now, next_refresh_at=due, refreshed=refreshed)
-        if not new.refreshable:
-            # Never refreshed: indexed at its stated expiry only, to be marked then.
-            return replace(new, next_refresh_at=new.access_expires_at)
+        """``grant`` holding ``tokens`` (``RefreshPolicy.stamped``, with its provider's
+        refresh-token maximum age)."""
         max_age = self.providers.get(grant.provider).refresh_token_max_age
-        if max_age is not None and new.refresh_token_issued_at is not None:
-            new = replace(new, refresh_token_expires_at=new.refresh_token_issued_at + max_age)
-        return new
-
-    def _spawn(self, coroutine: object) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coroutine)  # type: ignore[arg-type]
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        return self.policy.stamped(
+            grant, tokens, refreshed=refreshed, requested_at=requested_at, max_age=max_age
+        )
 
     async def run(
         self,
@@ -208,7 +189,7 @@ class LockedRefresh:
             breaker.release_probe()
             raise
         if breaker.record_success():
-            self._spawn(self._expedite(grant.provider))
+            self.recovery.expedite(grant.provider)
         new = self.with_tokens(grant, tokens, refreshed=True, requested_at=requested_at)
         self._count(grant, "success", trigger, started)
 
@@ -245,16 +226,6 @@ class LockedRefresh:
                 stored_version=current.version,
             )
         return new  # its access token is valid whatever happened to the write
-
-    async def _expedite(self, provider: str) -> None:
-        """The provider answers again: grants left failing by the outage are due now, not
-        after their own backoff (the scheduler's concurrency bounds the burst)."""
-        try:
-            count = await self._store.schedule.expedite(provider, self.clock())
-        except StoreUnavailable:
-            log.warning("refresh.expedite_failed", provider=provider)
-            return
-        log.info("refresh.provider_recovered", provider=provider, expedited=count)
 
     def _count(self, grant: Grant, outcome: str, trigger: Trigger, started: float) -> None:
         self._metrics.refreshes.labels(grant.provider, outcome, trigger).inc()

@@ -193,7 +193,7 @@ class Scheduler:
 
     async def _probe(self, provider: str, user_id: str) -> None:
         """Try one failing grant while the circuit is half-open; success closes the circuit
-        and makes the others due at once (``Refresher._expedite``)."""
+        and makes the others due at once (``broker/recovery.py``)."""
         self._probing.add(provider)
         try:
             await self._refresher.refresh_due(provider, user_id, probe=True)
