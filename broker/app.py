@@ -33,6 +33,7 @@ from broker.census import KeyCensus
 from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.grant_cache import GrantCache, GrantChanges
+from broker.grant_codec import GrantCodec
 from broker.grants import GrantService
 from broker.key_roster import KeyRoster
 from broker.keys import Keys
@@ -50,7 +51,7 @@ from broker.refresh_locked import LockedRefresh
 from broker.reload import Reloader
 from broker.schedule import ScheduleIndex
 from broker.scheduler import Scheduler, SchedulerPolicy
-from broker.store import GrantStore
+from broker.store import GrantStore, WriteOptions
 from broker.tls import client_context
 from broker.webhooks.delivery import WebhookService
 from broker.webhooks.expiring import ExpiryWatch
@@ -139,15 +140,16 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     cache = GrantCache(settings.token_cache_seconds, settings.token_cache_entries)
     app[api.STORE] = GrantStore(
         redis,
-        app[api.KEYRING],
+        GrantCodec(app[api.KEYRING], app[api.METRICS], settings.record_format),
         keys,
         guard,
         schedule,
-        min_replicas=settings.min_replicas_to_ack,
-        ack_timeout=settings.replica_ack_timeout,
         cache=cache,
-        record_format=settings.record_format,
-        events_max_len=settings.events_max_len,
+        options=WriteOptions(
+            min_replicas=settings.min_replicas_to_ack,
+            ack_timeout=settings.replica_ack_timeout,
+            events_max_len=settings.events_max_len,
+        ),
     )
     app[READS] = CachedReads(app[api.STORE], app[api.METRICS])
     app[PENDING] = PendingAuthorizations(redis, keys, guard)

@@ -11,6 +11,7 @@ from typing import TextIO
 from broker.config import Settings
 from broker.crypto import KeyRing
 from broker.errors import BrokerError
+from broker.grant_codec import GrantCodec
 from broker.keys import Keys
 from broker.listing import MAX_LIMIT, GrantListing
 from broker.metrics import Metrics
@@ -69,7 +70,8 @@ async def _list(
         keys = Keys(settings.key_prefix, settings.schedule_shards)
         guard = Guard(metrics, settings.store_retry_after)
         schedule = ScheduleIndex(redis, keys, guard, metrics, settings.schedule_shards)
-        store = GrantStore(redis, KeyRing(settings.encryption_keys), keys, guard, schedule)
+        codec = GrantCodec(KeyRing(settings.encryption_keys), metrics)
+        store = GrantStore(redis, codec, keys, guard, schedule)
         listing = GrantListing(store)
         seen: set[str] = set()  # a listing may repeat a grant that changed meanwhile
         unreadable: set[str] = set()

@@ -246,7 +246,7 @@ class GrantListing:
         if member(user_id) != m:
             return None  # not base64url as broker writes it: not a grant of broker's
         try:
-            return self._store.decode(provider, user_id, version, blob)
+            return self._store.codec.decode(provider, user_id, version, blob)
         except GrantUnreadable as err:
             log.error(
                 "security.grant_unreadable",

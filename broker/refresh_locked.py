@@ -135,7 +135,9 @@ class LockedRefresh:
             # Re-read under the lock (another replica may have refreshed already): read by
             # the very script that took it.
             assert held.record is not None
-            grant = checked(provider, self._store.decode_record(provider, user_id, *held.record))
+            grant = checked(
+                provider, self._store.codec.decode_record(provider, user_id, *held.record)
+            )
             if satisfied(grant):
                 return grant
             try:

@@ -18,28 +18,28 @@ events stream in the same script, so the event is stored before the change is ac
 a Redis Cluster the stream is in another slot than the grant: the event is appended right
 after the script instead (ordered, not atomic: a process killed between the two loses it).
 
-Key names are in ``broker/keys.py``. The indexes a write updates live in
-``broker/schedule.py``, locks in ``broker/locks.py``, pending authorizations in
+Key names are in ``broker/keys.py``. The ``blob`` (format and encryption) is
+``broker/grant_codec.py``'s, the events stream ``broker/grant_events.py``'s. The indexes a write
+updates live in ``broker/schedule.py``, locks in ``broker/locks.py``, pending authorizations in
 ``broker/pending.py``; all share one client (``broker/redis_client.py``), ``Keys`` and ``Guard``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
-from broker import grant_record
 from broker.batching import ReadBatcher
-from broker.crypto import KeyRing, grant_aad, record_key_id
-from broker.errors import GrantUnreadable, StoreUnavailable
 from broker.grant_cache import GrantCache
+from broker.grant_codec import GrantCodec
+from broker.grant_events import GrantEvents, event_data
 from broker.keys import Keys, member
 from broker.models import Grant, iso_ms
 from broker.redis_client import Guard, script
@@ -48,9 +48,18 @@ if TYPE_CHECKING:
     from broker.schedule import ScheduleIndex
 
 log = structlog.get_logger(__name__)
-security = structlog.get_logger("broker.security")
 
 INCARNATION_BITS = 32
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """The settings that shape a write's Redis commands (``min_replicas_to_ack``,
+    ``replica_ack_timeout``, ``events_max_len``)."""
+
+    min_replicas: int = 0
+    ack_timeout: float = 1.0
+    events_max_len: int = 100_000
 
 
 class GrantStore:
@@ -59,38 +68,35 @@ class GrantStore:
     def __init__(
         self,
         redis: aioredis.Redis,
-        keyring: KeyRing,
+        codec: GrantCodec,
         keys: Keys,
         guard: Guard,
         schedule: ScheduleIndex,
         *,
-        min_replicas: int = 0,
-        ack_timeout: float = 1.0,
         cache: GrantCache | None = None,
-        record_format: int = 2,
-        events_max_len: int = 100_000,
+        options: WriteOptions = WriteOptions(),
     ) -> None:
         self.redis = redis
+        self.codec = codec
         # Off (never live) unless the app runs its GrantChanges listener.
         self.cache = cache if cache is not None else GrantCache(0, 1)
         self.keys = keys
         self.guard = guard
         self.schedule = schedule
-        self._keyring = keyring
         self._metrics = schedule.metrics
-        self._min_replicas = min_replicas
-        self._ack_timeout = ack_timeout
-        self._record_format = record_format
+        self._min_replicas = options.min_replicas
+        self._ack_timeout = options.ack_timeout
         # With min_replicas_to_ack a lock goes only once WAIT confirmed the write (the holder
         # releases it after); in the write's own step it would go before that confirmation.
-        self.unlocks_on_write = min_replicas <= 0
-        # Trimming does not ask whether a receiver still waits for an entry (docs/webhooks.md).
-        self.events_max_len = events_max_len
+        self.unlocks_on_write = options.min_replicas <= 0
         self._fenced_write = redis.register_script(script("fenced_write.lua"))
         self._delete = redis.register_script(script("delete_grant.lua"))
         # Whether one script may name every key a write touches: on a Redis Cluster only keys
         # of one slot, and the event stream and the indexes are in others.
         self._one_script = not isinstance(redis, RedisCluster)
+        self.events = GrantEvents(
+            redis, keys, guard, options.events_max_len, in_script=self._one_script
+        )
         self.batch = schedule.batch
         self._reads = ReadBatcher(self.batch, ("v", "blob"))
 
@@ -98,32 +104,7 @@ class GrantStore:
         """The stored grant, or None; GrantUnreadable if it fails authentication."""
         with self.guard("read"):
             version, blob = await self._reads.hmget(self.keys.grant_key(provider, user_id))
-        return self.decode_record(provider, user_id, version, blob)
-
-    def decode_record(self, provider: str, user_id: str, version: Any, blob: Any) -> Grant | None:
-        """A record's ``v`` and ``blob`` fields as read (None where absent) as a Grant, or None
-        if there is no record; GrantUnreadable as :meth:`decode`."""
-        if version is None or not isinstance(blob, bytes):
-            return None
-        return self.decode(provider, user_id, version, blob)
-
-    def decode(self, provider: str, user_id: str, version: bytes | str | int, blob: bytes) -> Grant:
-        """A stored record (its ``v`` and ``blob`` fields) as a Grant; GrantUnreadable, counted,
-        if it fails authentication or decryption."""
-        try:
-            payload = self._keyring.decrypt(blob, grant_aad(provider, user_id))
-            return grant_record.decode(provider, user_id, int(version), payload)
-        except GrantUnreadable as err:
-            self._metrics.grants_unreadable.labels(provider).inc()
-            security.error(
-                "record.unreadable",
-                kind="grant",
-                provider=provider,
-                user_id=user_id,
-                key_id=record_key_id(blob) or "(unknown format)",
-                reason=err.detail,
-            )
-            raise
+        return self.codec.decode_record(provider, user_id, version, blob)
 
     async def version(self, provider: str, user_id: str) -> int:
         """The stored version without decrypting (0 when absent): lets an import replace a
@@ -159,10 +140,9 @@ class GrantStore:
         command, and on another connection that may be older than this write (a false
         confirmation).
         """
-        payload = grant_record.encode(grant, self._record_format)
-        blob = self._keyring.encrypt(payload, grant_aad(grant.provider, grant.user_id))
+        blob = self.codec.encrypt(grant)
         grant_key = self.keys.grant_key(grant.provider, grant.user_id)
-        keys = self._event_keys(grant_key)
+        keys = self.events.script_keys(grant_key)
         keys.insert(1, self.keys.lock_key(grant.provider, grant.user_id))
         due = "" if grant.next_refresh_at is None else repr(grant.next_refresh_at)
         args: list[str | bytes] = [
@@ -173,9 +153,9 @@ class GrantStore:
             grant.state,
             repr(grant.created_at),
             iso_ms(grant.updated_at),
-            _event_data(grant.provider, grant.user_id, grant.last_error),
+            event_data(grant.provider, grant.user_id, grant.last_error),
             grant.provider,
-            str(self.events_max_len),
+            str(self.events.max_len),
             self.keys.changes_channel(),
             "" if grant.refresh_token_expires_at is None else repr(grant.refresh_token_expires_at),
             lock_token if lock_token is not None and self.unlocks_on_write else "",
@@ -201,7 +181,7 @@ class GrantStore:
         if code == 2:
             log.info("store.write_recognised", provider=grant.provider, user_id=grant.user_id)
         elif written[1] and not self._one_script:
-            await self._append_event(written[1], grant.provider, written[2])
+            await self.events.append(written[1], grant.provider, written[2])
         if acked is not None and int(acked) < self._min_replicas:
             self._metrics.replication_unconfirmed.inc()
             log.warning(
@@ -217,13 +197,13 @@ class GrantStore:
     async def delete(self, provider: str, user_id: str) -> bool:
         """Delete a grant, recording ``grant.deleted``; False if there was none."""
         grant_key = self.keys.grant_key(provider, user_id)
-        keys = self._event_keys(grant_key)
-        args = [iso_ms(time.time()), _event_data(provider, user_id, None), provider]
+        keys = self.events.script_keys(grant_key)
+        args = [iso_ms(time.time()), event_data(provider, user_id, None), provider]
         self.cache.invalidate(grant_key)
         with self.guard("delete"), self._invalidating(grant_key):
             # Not pipelined with the index updates: a cluster pipeline runs no scripts.
             removed: list[Any] = await self._delete(
-                keys=keys, args=[*args, self.events_max_len, self.keys.changes_channel()]
+                keys=keys, args=[*args, self.events.max_len, self.keys.changes_channel()]
             )
             pipe = self.redis.pipeline(transaction=False)
             self.schedule.unindex(pipe, provider, member(user_id))
@@ -231,7 +211,7 @@ class GrantStore:
         if not int(removed[0]):
             return False
         if not self._one_script:
-            await self._append_event(b"grant.deleted", provider, removed[1])
+            await self.events.append(b"grant.deleted", provider, removed[1])
         return True
 
     async def ping(self) -> float:
@@ -247,30 +227,3 @@ class GrantStore:
             yield
         finally:
             self.cache.invalidate(grant_key)
-
-    def _event_keys(self, grant_key: str) -> list[str]:
-        return [grant_key, self.keys.events_key()] if self._one_script else [grant_key]
-
-    async def _append_event(self, event_type: bytes, provider: str, body: bytes) -> None:
-        """The Redis Cluster fallback: the event right after its grant write, before the caller
-        is answered. The grant is written whatever happens here, so a failure is logged and
-        counted, not raised: the event is lost."""
-        try:
-            with self.guard("event"):
-                await self.redis.xadd(
-                    self.keys.events_key(),
-                    {"type": event_type, "provider": provider, "body": body},
-                    maxlen=self.events_max_len,
-                    approximate=True,
-                )
-        except StoreUnavailable:
-            log.error("store.event_lost", provider=provider, event=event_type.decode())
-
-
-def _event_data(provider: str, user_id: str, last_error: str | None) -> str:
-    """An event's ``data`` object but its closing brace and ``state`` (the script adds them)."""
-    return json.dumps(
-        {"provider": provider, "user_id": user_id, "last_error": last_error},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )[:-1]

@@ -91,7 +91,7 @@ async def test_key_rotation_keeps_old_records_readable(
     store = store_of(rotated)
     blob = await store.redis.hget(store.keys.grant_key("dev", "v"), "blob")
     assert isinstance(blob, bytes)
-    assert store._keyring.key_id_of(blob) == "k2"
+    assert store.codec.keyring.key_id_of(blob) == "k2"
     too_early = await make_broker(encryption_keys=new, **common)
     status, body = await too_early.token("u")
     assert status == 500

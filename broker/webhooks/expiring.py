@@ -103,7 +103,7 @@ class ExpiryWatch:
             await self._store.redis.xadd(
                 self._store.keys.events_key(),
                 {"type": EVENT, "provider": provider, "body": body},
-                maxlen=self._store.events_max_len,
+                maxlen=self._store.events.max_len,
                 approximate=True,
             )
         return 1
