@@ -32,7 +32,7 @@ from yarl import URL
 from broker.app import create_app
 from broker.auth import hash_key, new_api_key
 from broker.client import BrokerClient, BrokerError, RetryPolicy, Token
-from broker.config import build_settings
+from broker.config import Settings, build_settings
 from broker.devprovider import DevProvider, DevProviderSettings
 from broker.logs import configure_logging
 
@@ -126,31 +126,7 @@ class _Demo:
         sock = socket.socket()
         sock.bind(("127.0.0.1", self.options.port))
         port = sock.getsockname()[1]
-        raw: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "port": port,
-            "redirect_allowlist": [app_url + "/"],
-            "providers": {
-                PROVIDER: {
-                    "token_url": provider.token_url,
-                    "authorize_url": provider.authorize_url,
-                    "revocation_url": provider.revocation_url,
-                    "client_id": provider.settings.client_id,
-                    "client_secret": provider.settings.client_secret,
-                    "scopes": ["public_api"],
-                }
-            },
-            "clients": [
-                {
-                    "name": "demo",
-                    "key_sha256": hash_key(self.api_key),
-                    "providers": ["*"],
-                    "permissions": ["tokens:read", "grants:read", "grants:write"],
-                }
-            ],
-        }
-        # No environment: a BROKER_REDIS_URL in the caller's shell must not reach the demo.
-        settings = build_settings(raw, {}, base_dir=Path.cwd())
+        settings = _broker_settings(provider, hash_key(self.api_key), port, app_url)
         runner = web.AppRunner(create_app(settings), access_log=None)
         await runner.setup()
         runners.append(runner)
@@ -274,6 +250,36 @@ class _Demo:
     @property
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def _broker_settings(provider: DevProvider, key_digest: str, port: int, app_url: str) -> Settings:
+    """broker's configuration for the demo: the dev provider, one client, the app's page
+    allowed as a place to return to, and no Redis (the embedded store)."""
+    raw: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "redirect_allowlist": [app_url + "/"],
+        "providers": {
+            PROVIDER: {
+                "token_url": provider.token_url,
+                "authorize_url": provider.authorize_url,
+                "revocation_url": provider.revocation_url,
+                "client_id": provider.settings.client_id,
+                "client_secret": provider.settings.client_secret,
+                "scopes": ["public_api"],
+            }
+        },
+        "clients": [
+            {
+                "name": "demo",
+                "key_sha256": key_digest,
+                "providers": ["*"],
+                "permissions": ["tokens:read", "grants:read", "grants:write"],
+            }
+        ],
+    }
+    # No environment: a BROKER_REDIS_URL in the caller's shell must not reach the demo.
+    return build_settings(raw, {}, base_dir=Path.cwd())
 
 
 def _application_page() -> web.Application:
