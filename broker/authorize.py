@@ -21,25 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import secrets
 import time
 from base64 import urlsafe_b64encode
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
 
+from broker.authorization_states import AuthorizationStates, PendingAuthorization
 from broker.config import ProviderSettings, Settings
-from broker.crypto import KeyRing, authorization_aad
+from broker.crypto import KeyRing
 from broker.errors import (
     BrokerError,
-    GrantUnreadable,
     InvalidRequest,
-    InvalidState,
     ProviderError,
     StoreUnavailable,
     UpstreamUnavailable,
@@ -58,7 +56,6 @@ log = structlog.get_logger(__name__)
 
 STATE_BYTES = 32
 VERIFIER_BYTES = 32  # 43 base64url characters; RFC 7636 wants 43 to 128
-MAX_STATE_CHARS = 256  # longer is not ours: refused before touching Redis
 SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
 GRANT_WRITE_ATTEMPTS = 3
 GRANT_WRITE_BACKOFF = 0.1
@@ -73,30 +70,6 @@ class StartedAuthorization:
     authorization_url: str = field(repr=False)
     state: str = field(repr=False)
     expires_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class PendingAuthorization:
-    """What a state stands for between the start and the callback."""
-
-    provider: str
-    user_id: str
-    scope: str
-    redirect_after: str
-    code_verifier: str | None = field(repr=False)
-    created_at: float
-    expires_at: float
-    client: str | None = None  # who started it, for the audit log (absent in older records)
-
-    def to_payload(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> PendingAuthorization:
-        try:
-            return cls(**json.loads(payload))
-        except (ValueError, TypeError) as err:
-            raise InvalidState("the stored authorization is malformed") from err
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +91,6 @@ def pkce_challenge(verifier: str) -> str:
     return urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-def state_digest(state: str) -> str:
-    """The Redis key part for a state: its SHA-256, so the store never holds the state."""
-    return hashlib.sha256(state.encode("utf-8", errors="surrogatepass")).hexdigest()
-
-
 class AuthorizationService:
     """Starts authorizations and completes them into stored grants."""
 
@@ -140,10 +108,9 @@ class AuthorizationService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._pending = pending
+        self._states = AuthorizationStates(pending, store.keys, keyring, metrics, clock)
         self._providers = providers
         self._locks = locks
-        self._keyring = keyring
         self._oauth = oauth
         self._refresher = refresher
         self._metrics = metrics
@@ -184,10 +151,7 @@ class AuthorizationService:
             expires_at=now + ttl,
             client=client,
         )
-        key = self._store.keys.authorization_key(state_digest(state))
-        blob = self._keyring.encrypt(pending.to_payload(), authorization_aad(key))
-        if not await self._pending.save(key, blob, ttl):
-            raise BrokerError("a fresh random state collided with a pending one")
+        await self._states.save(state, pending, ttl)
         self._metrics.authorizations.labels(provider, "started").inc()
         log.info(
             "authorization.started",
@@ -196,14 +160,15 @@ class AuthorizationService:
             scope=requested,
             pkce=verifier is not None,
         )
-        url = self._authorization_url(settings, state, requested, verifier)
+        redirect_uri = self._settings.callback_url(settings.name)
+        url = _authorization_url(settings, redirect_uri, state, requested, verifier)
         return StartedAuthorization(url, state, pending.expires_at)
 
     async def complete(self, provider: str, query: Mapping[str, str]) -> CallbackResult:
         """The end of the flow for a callback's query. InvalidState (nothing exchanged) when
         the state is missing, unknown, expired, used or another provider's."""
         settings = self._providers.get(provider)
-        pending = await self._take(provider, query.get("state", ""))
+        pending = await self._states.take(provider, query.get("state", ""))
         error = query.get("error")
         if error is not None:
             if error == "access_denied":
@@ -235,36 +200,6 @@ class AuthorizationService:
                 granted=tokens.scope,
             )
         return self._end(pending, "connected", grant=grant, replaced=replaced)
-
-    async def _take(self, provider: str, state: str) -> PendingAuthorization:
-        """Consume the state's pending authorization, or InvalidState."""
-        if not state or len(state) > MAX_STATE_CHARS:
-            self._invalid(provider, "missing")
-            raise InvalidState("the callback carries no usable state")
-        key = self._store.keys.authorization_key(state_digest(state))
-        blob = await self._pending.take(key)
-        if blob is None:
-            self._invalid(provider, "unknown")
-            raise InvalidState("the authorization is unknown, expired or already used")
-        try:
-            pending = PendingAuthorization.from_payload(
-                self._keyring.decrypt(blob, authorization_aad(key))
-            )
-        except (GrantUnreadable, InvalidState):
-            log.error("security.authorization_unreadable", provider=provider)
-            self._invalid(provider, "unreadable")
-            raise InvalidState("the authorization record cannot be read") from None
-        if pending.provider != provider:
-            self._invalid(provider, "other_provider")
-            raise InvalidState("the authorization was started for another provider")
-        if self._clock() >= pending.expires_at:
-            self._invalid(provider, "expired")
-            raise InvalidState("the authorization has expired")
-        return pending
-
-    def _invalid(self, provider: str, reason: str) -> None:
-        self._metrics.authorizations.labels(provider, "invalid_state").inc()
-        log.warning("authorization.invalid_state", provider=provider, reason=reason)
 
     async def _store_grant(
         self, pending: PendingAuthorization, tokens: TokenSet, requested_at: float
@@ -336,24 +271,26 @@ class AuthorizationService:
             replaced=replaced,
         )
 
-    def _authorization_url(
-        self, settings: ProviderSettings, state: str, scope: str, verifier: str | None
-    ) -> str:
-        assert settings.authorize_url is not None
-        params = [
-            ("response_type", "code"),
-            ("client_id", settings.client_id),
-            ("redirect_uri", self._settings.callback_url(settings.name)),
-        ]
-        if scope:
-            params.append(("scope", scope))
-        params.append(("state", state))
-        if verifier is not None:
-            params += [("code_challenge", pkce_challenge(verifier))]
-            params += [("code_challenge_method", "S256")]
-        parts = urlsplit(settings.authorize_url)
-        query = [*parse_qsl(parts.query, keep_blank_values=True), *params]
-        return urlunsplit(parts._replace(query=urlencode(query)))
+
+def _authorization_url(
+    settings: ProviderSettings, redirect_uri: str, state: str, scope: str, verifier: str | None
+) -> str:
+    """The provider's authorization URL with the flow's parameters after any it already has."""
+    assert settings.authorize_url is not None
+    params = [
+        ("response_type", "code"),
+        ("client_id", settings.client_id),
+        ("redirect_uri", redirect_uri),
+    ]
+    if scope:
+        params.append(("scope", scope))
+    params.append(("state", state))
+    if verifier is not None:
+        params += [("code_challenge", pkce_challenge(verifier))]
+        params += [("code_challenge_method", "S256")]
+    parts = urlsplit(settings.authorize_url)
+    query = [*parse_qsl(parts.query, keep_blank_values=True), *params]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def _requested_scope(scope: str | None, settings: ProviderSettings) -> str:

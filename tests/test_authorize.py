@@ -14,7 +14,7 @@ import pytest
 from yarl import URL
 
 from broker.api import KEYRING, METRICS, STORE
-from broker.authorize import PendingAuthorization
+from broker.authorization_states import PendingAuthorization
 from broker.crypto import authorization_aad
 from broker.devprovider import DevProvider
 from tests.conftest import (
