@@ -61,10 +61,7 @@ class AppTokenService:
     ) -> None:
         self.store = store
         self._locks = locks
-        self._oauth = oauth
         self.providers = providers
-        self._metrics = metrics
-        self._policy = policy
         self.clock = clock
         self._inflight: dict[tuple[str, str], _Flight] = {}
         self._marked: dict[tuple[str, str], int] = {}  # the version whose use we recorded

@@ -80,7 +80,6 @@ class Scheduler:
         policy: SchedulerPolicy,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._store = store
         self._schedule = store.schedule
         self._refresher = refresher
         self._providers = providers
