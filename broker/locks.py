@@ -22,7 +22,7 @@ import structlog
 
 from broker.errors import StoreUnavailable, UpstreamUnavailable
 from broker.rearm import Rearming
-from broker.redis_client import script
+from broker.redis_client import script, with_wait
 from broker.store import GrantStore
 
 log = structlog.get_logger(__name__)
@@ -106,12 +106,11 @@ class LockStore:
             if self._min_replicas <= 0:
                 reply = await self._store.batch.script(script, keys, args)
             else:
-                pipe = self._store.redis.pipeline(transaction=False)
-                await script(keys=keys, args=args, client=pipe)
-                pipe.execute_command("WAIT", self._min_replicas, int(self._ack_timeout * 1000))
-                reply, acked = await pipe.execute()
+                reply, acked = await with_wait(
+                    self._store.redis, script, keys, args, self._min_replicas, self._ack_timeout
+                )
         taken = int(reply[0] if read else reply)
-        if taken == 1 and acked is not None and int(acked) < self._min_replicas:
+        if taken == 1 and acked is not None and acked < self._min_replicas:
             # Used anyway (refusing would stop every refresh while a replica is down), but
             # counted: a failover now could hand this lock to another replica.
             self._store.guard.metrics.replication_unconfirmed.inc()
@@ -119,7 +118,7 @@ class LockStore:
                 "lock.replication_unconfirmed",
                 provider=provider,
                 user_id=user_id,
-                replicas=int(acked),
+                replicas=acked,
             )
         if taken != 1:
             return -taken / 1000, None

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any, cast
@@ -15,6 +15,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -97,6 +98,25 @@ async def close(redis: aioredis.Redis) -> None:
 
 def script(name: str) -> str:
     return resources.files("broker").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+async def with_wait(
+    redis: aioredis.Redis,
+    call: AsyncScript,
+    keys: list[str],
+    args: Sequence[str | bytes | int | float],
+    replicas: int,
+    ack_timeout: float,
+) -> tuple[Any, int]:
+    """A registered script's reply, and how many replicas confirmed the write within
+    ``ack_timeout`` seconds (``WAIT``). One pipeline, so one connection: ``WAIT`` waits for the
+    replication of its own connection's last write only, and on another connection could
+    confirm something older (a false confirmation)."""
+    pipe = redis.pipeline(transaction=False)
+    await call(keys=keys, args=args, client=pipe)
+    pipe.execute_command("WAIT", replicas, int(ack_timeout * 1000))
+    reply, acked = await pipe.execute()
+    return reply, int(acked)
 
 
 class Guard:

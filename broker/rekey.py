@@ -30,7 +30,7 @@ from broker.crypto import KeyRing, record_key_id
 from broker.errors import GrantUnreadable
 from broker.keys import Keys, user_id_of
 from broker.records import KINDS, Node, RecordKind, primaries, read_blobs, scan
-from broker.redis_client import script
+from broker.redis_client import script, with_wait
 
 security = structlog.get_logger("broker.security")
 
@@ -88,7 +88,7 @@ class Rekeyer:
         self._dry_run = dry_run
         self._budget = limit  # rewrites left; None: no limit
         self._min_replicas = min_replicas
-        self._ack_ms = int(ack_timeout * 1000)
+        self._ack_timeout = ack_timeout
         self._count = scan_count
         self._on_progress = on_progress or (lambda report: None)
         self._stop = stop or asyncio.Event()
@@ -193,12 +193,10 @@ class Rekeyer:
         async with self._slots:
             if self._min_replicas <= 0:
                 return bool(await self._swap(keys=[key], args=args))
-            # WAIT in the same pipeline: it covers the writes of its own connection only
-            pipe = self._redis.pipeline(transaction=False)
-            await self._swap(keys=[key], args=args, client=pipe)
-            pipe.execute_command("WAIT", self._min_replicas, self._ack_ms)
-            swapped, acked = await pipe.execute()
-            if swapped and int(acked) < self._min_replicas:
+            swapped, acked = await with_wait(
+                self._redis, self._swap, [key], args, self._min_replicas, self._ack_timeout
+            )
+            if swapped and acked < self._min_replicas:
                 self.report.unconfirmed += 1  # written; a failover now could undo it
             return bool(swapped)
 

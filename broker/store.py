@@ -42,7 +42,7 @@ from broker.grant_codec import GrantCodec
 from broker.grant_events import GrantEvents, event_data
 from broker.keys import Keys, member
 from broker.models import Grant, iso_ms
-from broker.redis_client import Guard, script
+from broker.redis_client import Guard, script, with_wait
 
 if TYPE_CHECKING:
     from broker.schedule import ScheduleIndex
@@ -171,10 +171,14 @@ class GrantStore:
             if self._min_replicas <= 0:
                 written = await self.batch.script(self._fenced_write, keys, args)
             else:
-                pipe = self.redis.pipeline(transaction=False)
-                await self._fenced_write(keys=keys, args=args, client=pipe)
-                pipe.execute_command("WAIT", self._min_replicas, int(self._ack_timeout * 1000))
-                written, acked = await pipe.execute()
+                written, acked = await with_wait(
+                    self.redis,
+                    self._fenced_write,
+                    keys,
+                    args,
+                    self._min_replicas,
+                    self._ack_timeout,
+                )
         code = int(written[0])
         if not code:
             return False
@@ -182,13 +186,13 @@ class GrantStore:
             log.info("store.write_recognised", provider=grant.provider, user_id=grant.user_id)
         elif written[1] and not self._one_script:
             await self.events.append(written[1], grant.provider, written[2])
-        if acked is not None and int(acked) < self._min_replicas:
+        if acked is not None and acked < self._min_replicas:
             self._metrics.replication_unconfirmed.inc()
             log.warning(
                 "store.replication_unconfirmed",
                 provider=grant.provider,
                 user_id=grant.user_id,
-                replicas=int(acked),
+                replicas=acked,
             )
         if not self._one_script:
             await self.schedule.index(grant)
