@@ -32,18 +32,23 @@ class GrantEvents:
     def script_keys(self, grant_key: str) -> list[str]:
         return [grant_key, self._keys.events_key()] if self._in_script else [grant_key]
 
+    async def add(self, event_type: bytes | str, provider: str, body: bytes | str) -> None:
+        """Append an event on its own (no grant write carries it); StoreUnavailable if Redis
+        fails."""
+        with self._guard("event"):
+            await self._redis.xadd(
+                self._keys.events_key(),
+                {"type": event_type, "provider": provider, "body": body},
+                maxlen=self.max_len,
+                approximate=True,
+            )
+
     async def append(self, event_type: bytes, provider: str, body: bytes) -> None:
         """The Redis Cluster fallback: the event right after its grant write, before the caller
         is answered. The grant is written whatever happens here, so a failure is logged and
         counted, not raised: the event is lost."""
         try:
-            with self._guard("event"):
-                await self._redis.xadd(
-                    self._keys.events_key(),
-                    {"type": event_type, "provider": provider, "body": body},
-                    maxlen=self.max_len,
-                    approximate=True,
-                )
+            await self.add(event_type, provider, body)
         except StoreUnavailable:
             log.error("store.event_lost", provider=provider, event=event_type.decode())
 

@@ -99,11 +99,5 @@ class ExpiryWatch:
             ensure_ascii=False,
             separators=(",", ":"),
         )
-        with self._store.guard("event"):
-            await self._store.redis.xadd(
-                self._store.keys.events_key(),
-                {"type": EVENT, "provider": provider, "body": body},
-                maxlen=self._store.events.max_len,
-                approximate=True,
-            )
+        await self._store.events.add(EVENT, provider, body)
         return 1
