@@ -25,6 +25,7 @@ from aiohttp import web
 from broker import api
 from broker.app_schedule import AppTokenScheduler
 from broker.app_store import AppTokenStore
+from broker.apptoken_request import AppTokenRequests
 from broker.apptokens import AppTokenService
 from broker.auth import Authenticator
 from broker.authorize import AuthorizationService
@@ -275,9 +276,10 @@ def _app_tokens(
         store.redis, app[api.KEYRING], store.keys, store.guard, app[api.METRICS]
     )
     policy = RefreshPolicy.from_settings(settings)
-    return AppTokenService(
+    requests = AppTokenRequests(
         app_store, locks, oauth, providers, app[api.METRICS], policy, clock=app[CLOCK]
     )
+    return AppTokenService(app_store, locks, requests, providers, clock=app[CLOCK])
 
 
 async def _app_scheduler(app: web.Application) -> AsyncIterator[None]:

@@ -29,9 +29,7 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.locks import GrantLocks, LockBusy, LockLost
-from broker.metrics import Metrics
-from broker.oauth import OAuthClient
-from broker.policy import RefreshPolicy, fresh_enough
+from broker.policy import fresh_enough
 from broker.providers import ProviderRegistry
 
 log = structlog.get_logger(__name__)
@@ -53,10 +51,8 @@ class AppTokenService:
         self,
         store: AppTokenStore,
         locks: GrantLocks,
-        oauth: OAuthClient,
+        requests: AppTokenRequests,
         providers: ProviderRegistry,
-        metrics: Metrics,
-        policy: RefreshPolicy,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -65,7 +61,7 @@ class AppTokenService:
         self.clock = clock
         self._inflight: dict[tuple[str, str], _Flight] = {}
         self._marked: dict[tuple[str, str], int] = {}  # the version whose use we recorded
-        self._requests = AppTokenRequests(store, locks, oauth, providers, metrics, policy, clock)
+        self._requests = requests
 
     def configured(self, provider: str) -> ProviderSettings:
         settings = self.providers.get(provider)
